@@ -1,0 +1,1 @@
+"""mxward policyd: the Postfix policy-delegation daemon (envelope-stage checks)."""

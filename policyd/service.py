@@ -1,0 +1,159 @@
+"""The policy service: one policy request in, one action out (no sockets here).
+
+For each request it builds the :class:`Transaction`, decides exemptions once, runs the checks
+of every stage that is complete at this ``protocol_state`` and has not run yet for this
+transaction, asks the pipeline for the decision, logs the one decision line and returns the
+``action=`` text. The server (:mod:`mxward.policyd.server`) and ``mxward check`` both use it.
+
+Stages and ``protocol_state``
+    With Postfix's default ``smtpd_delay_reject = yes`` every restriction list runs at RCPT, so
+    a RCPT request completes the connect, helo, mail and rcpt stages at once. Results of the
+    connect/helo/mail stages are kept per transaction (keyed by ``instance``, or by the client
+    endpoint before MAIL FROM) in a bounded in-process memo, so they are computed once across
+    the recipients of a message; rcpt-stage results are per recipient. The memo is only an
+    optimisation: Postfix may send the requests of one message over different connections, to
+    different worker processes, and each request carries everything needed to recompute.
+    VRFY and ETRN requests run no checks and get DUNNO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Mapping
+from typing import Final
+
+from mxward.policyd.protocol import STATE_STAGES, action_text
+from mxward.shared.logs import decision_line
+from mxward.shared.netutil import parse_ip
+from mxward.shared.pipeline import Pipeline
+from mxward.shared.plugin import Decision, Result, Stage, Transaction
+
+__all__ = ["PolicyService"]
+
+log = logging.getLogger("mxward.policyd")
+
+_EARLY = (Stage.CONNECT, Stage.HELO, Stage.MAIL)
+_MEMO_SIZE: Final = 20000
+_MEMO_TTL: Final = 900.0
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
+def transaction(attrs: Mapping[str, str], stage: Stage) -> Transaction:
+    """The checks' view of a policy request."""
+    get = attrs.get
+    address = get("client_address", "")
+    return Transaction(
+        stage=stage,
+        client_address=address,
+        client_ip=parse_ip(address) if address else None,
+        client_name=get("client_name") or "unknown",
+        reverse_client_name=get("reverse_client_name") or "unknown",
+        helo=get("helo_name", ""),
+        sender=get("sender", ""),
+        recipient=get("recipient", ""),
+        recipient_count=_int(get("recipient_count", "0")),
+        sasl_username=get("sasl_username", ""),
+        instance=get("instance", ""),
+        queue_id=get("queue_id", ""),
+        protocol_state=get("protocol_state", "").upper(),
+        attrs=attrs,
+    )
+
+
+class PolicyService:
+    """Decides policy requests with one pipeline; swap :attr:`pipeline` to reload."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self._memo: collections.OrderedDict[tuple[str, ...], tuple[float, tuple[Result, ...]]] = (
+            collections.OrderedDict()
+        )
+        self._headers_sent: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.after_tasks: set[asyncio.Task[None]] = set()
+
+    async def decide(self, attrs: Mapping[str, str]) -> tuple[str, Transaction, Decision]:
+        """Decide one request; returns the action text, the transaction and the decision."""
+        started = time.perf_counter()
+        pipeline = self.pipeline
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + pipeline.settings.deadline
+        state = attrs.get("protocol_state", "").upper()
+        stage = STATE_STAGES.get(state)
+        tx = transaction(attrs, stage or Stage.RCPT)
+        if stage is None:
+            # VRFY, ETRN or a state this version does not know: no check applies.
+            decision = pipeline.decide(Stage.CONNECT, (), exempt="", elapsed_ms=0.0)
+            return "DUNNO", tx, decision
+        exempt = pipeline.exemption(tx)
+        results: list[Result] = []
+        if not exempt:
+            early = [s for s in _EARLY if s.order <= stage.order and pipeline.has_checks(s)]
+            if early:
+                results.extend(await self._early_results(early, tx, deadline))
+            if stage not in _EARLY and pipeline.has_checks(stage):
+                results.extend(await pipeline.run((stage,), tx, deadline))
+        elapsed = (time.perf_counter() - started) * 1000.0
+        decision = pipeline.decide(stage, results, exempt=exempt, elapsed_ms=elapsed)
+        header = decision.header
+        if header and tx.instance and not self._first_header(tx.instance):
+            header = ""
+        text = action_text(decision.action, header)
+        return text, tx, decision
+
+    async def handle(self, attrs: Mapping[str, str]) -> str:
+        """Decide, log the decision line, schedule the after-hooks; return the action text."""
+        text, tx, decision = await self.decide(attrs)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", decision_line(tx, decision, text))
+        if decision.results:
+            task = asyncio.get_running_loop().create_task(self.pipeline.after(tx, decision))
+            self.after_tasks.add(task)
+            task.add_done_callback(self.after_tasks.discard)
+        return text
+
+    async def _early_results(
+        self, stages: list[Stage], tx: Transaction, deadline: float
+    ) -> tuple[Result, ...]:
+        if tx.instance:
+            key: tuple[str, ...] = ("i", tx.instance)
+        else:
+            key = ("c", tx.client_address, tx.attrs.get("client_port", ""), tx.helo)
+        now = time.monotonic()
+        memo = self._memo
+        hit = memo.get(key)
+        if hit is not None and hit[0] > now:
+            have = {r.check for r in hit[1]}
+            wanted = {a.name for s in stages for a in self.pipeline.checks if s in a.check.stages}
+            if wanted <= have:
+                return hit[1]
+        results = tuple(await self.pipeline.run(stages, tx, deadline))
+        memo[key] = (now + _MEMO_TTL, results)
+        memo.move_to_end(key)
+        while len(memo) > _MEMO_SIZE:
+            memo.popitem(last=False)
+        return results
+
+    def _first_header(self, instance: str) -> bool:
+        """True the first time a header is PREPENDed for this transaction (in this process)."""
+        now = time.monotonic()
+        seen = self._headers_sent
+        if instance in seen and seen[instance] > now:
+            return False
+        seen[instance] = now + _MEMO_TTL
+        while len(seen) > _MEMO_SIZE:
+            seen.popitem(last=False)
+        return True
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for running after-hooks (at shutdown)."""
+        if self.after_tasks:
+            await asyncio.wait(set(self.after_tasks), timeout=timeout)

@@ -1,0 +1,349 @@
+"""``mxward``: the command line.
+
+    mxward [--config PATH] COMMAND [...]
+
+Commands: ``run``, ``policyd``, ``check``, ``greylist``, ``state``, ``postfix-config``,
+``config-check``; ``mxward --version``. ``mxward COMMAND --help`` explains each. The
+configuration is ``--config PATH``, else ``$MXWARD_CONFIG``, else ``/etc/mxward/mxward.toml``
+(built-in defaults when that file does not exist). A configuration error exits with 78.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from mxward.shared.config import EX_CONFIG, Config, ConfigError, config_path, load_config, parse_listen
+from mxward.shared.plugin import Check, load_check_class
+
+__all__ = ["main"]
+
+log = logging.getLogger("mxward")
+
+
+def _version() -> str:
+    try:
+        return version("mxward")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def builtin_checks() -> dict[str, type[Check[Any]]]:
+    from mxward.contentfilter.checks import CHECKS as CONTENT_CHECKS
+    from mxward.policyd.checks import CHECKS as POLICY_CHECKS
+
+    return {cls.name: cls for cls in (*POLICY_CHECKS, *CONTENT_CHECKS)}
+
+
+def resolve_check(name: str) -> type[Check[Any]]:
+    return load_check_class(name, builtin_checks())
+
+
+def load(path: str | None) -> Config:
+    return load_config(path, resolve_check)
+
+
+def _setup_logging(config: Config, ident: str, *, stderr: bool = False) -> None:
+    from mxward.shared.logs import setup_logging
+
+    general = config.general
+    setup_logging(
+        general.log_level,
+        "stderr" if stderr else general.log_target,
+        ident=ident,
+        facility=general.syslog_facility,
+    )
+    for name in general.debug_checks:
+        logging.getLogger(f"mxward.checks.{name}").setLevel(logging.DEBUG)
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_policyd(args: argparse.Namespace, config: Config) -> int:
+    from mxward.policyd.daemon import run_policyd
+
+    _setup_logging(config, "mxward-policyd")
+    return run_policyd(config, lambda: load(args.config))
+
+
+def cmd_config_check(args: argparse.Namespace, config: Config) -> int:
+    names = ", ".join(
+        f"{n}{'' if c.common.enabled else ' (disabled)'}{' (observe)' if c.common.mode == 'observe' else ''}"
+        for n, c in config.checks.items()
+    )
+    print(f"{config.path or 'built-in defaults (no configuration file)'}: OK")
+    print(f"  policyd listen: {', '.join(config.policyd.listen)}")
+    print(f"  state: {config.state.url or 'embedded server in ' + str(config.data_dir / 'state')}")
+    print(f"  policyd checks: {names or '(none)'}")
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _services(config: Config) -> AsyncIterator[Any]:
+    """Services for one-shot commands; starts (or reuses) the embedded state server if needed."""
+    from mxward.shared.clock import SystemClock
+    from mxward.shared.dns import Resolver
+    from mxward.shared.embedded import EmbeddedServer
+    from mxward.shared.plugin import Services
+    from mxward.shared.state import StateStore
+
+    embedded = None
+    socket_path = None
+    if not config.state.url:
+        embedded = EmbeddedServer(config.data_dir, config.state.embedded_binary)
+        socket_path = embedded.start()
+    store = StateStore(config.state, unix_socket=socket_path)
+    try:
+        await store.connect()
+        clock = SystemClock()
+        from mxward.policyd.daemon import hostname
+
+        yield Services(
+            dns=Resolver(config.dns, clock=clock), state=store, clock=clock, hostname=hostname(config)
+        )
+    finally:
+        await store.aclose()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _read_requests(stream: Any) -> list[dict[str, str]]:
+    requests: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for number, raw in enumerate(stream, 1):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            if current:
+                requests.append(current)
+                current = {}
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"stdin line {number}: expected name=value, got {line[:60]!r}")
+        current[name.strip()] = value
+    if current:
+        requests.append(current)
+    return requests
+
+
+def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    from mxward.policyd.daemon import build_pipeline
+    from mxward.policyd.service import PolicyService
+    from mxward.shared.logs import kv
+
+    try:
+        requests = _read_requests(sys.stdin)
+    except ValueError as exc:
+        print(f"mxward check: {exc}", file=sys.stderr)
+        return 2
+    if not requests:
+        print("mxward check: no request on stdin (name=value lines, a blank line between requests)",
+              file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        async with _services(config) as services:
+            pipeline, checks = await build_pipeline(config, services)
+            service = PolicyService(pipeline)
+            try:
+                for number, attrs in enumerate(requests, 1):
+                    attrs.setdefault("request", "smtpd_access_policy")
+                    attrs.setdefault("protocol_state", "RCPT")
+                    text, tx, decision = await service.decide(attrs)
+                    print(
+                        f"request {number}: state={tx.protocol_state} client={tx.client_name}"
+                        f"[{tx.client_address}] helo={kv(tx.helo)} from=<{tx.sender}> rcpt=<{tx.recipient}>"
+                    )
+                    if decision.exempt:
+                        print(f"  exempt ({decision.exempt}): no check runs")
+                    for r in decision.results:
+                        mode = " observe" if r.observed else ""
+                        forced = f" forces {r.action.kind.name}" if r.action and not r.observed else ""
+                        details = " ".join(f"{k}={kv(v)}" for k, v in r.log.items())
+                        print(
+                            f"  {r.check:<12} {r.verdict.value:<5} score={r.score:g}{mode}{forced}"
+                            f" {r.elapsed_ms:.1f}ms {details}".rstrip()
+                        )
+                        if r.reason:
+                            print(f"  {'':<12} reason: {r.reason}")
+                        for fact, value in r.facts.items():
+                            print(f"  {'':<12} fact {fact}={kv(value)}")
+                    print(f"  total score {decision.score:g}, decided at stage {decision.stage.value}")
+                    print(f"  action={text}")
+                    await pipeline.after(tx, decision)
+            finally:
+                for check in checks:
+                    await check.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_greylist(args: argparse.Namespace, config: Config) -> int:
+    from mxward.policyd.checks import greylist
+
+    cfg = config.checks.get("greylist")
+    options = cfg.options if cfg is not None else greylist.Options()
+
+    async def run() -> int:
+        async with _services(config) as services:
+            admin = greylist.GreylistAdmin(options, services)
+            if args.action == "list":
+                count = 0
+                async for entry in admin.entries(client=args.client):
+                    print(entry.line(now=time.time()))
+                    count += 1
+                    if args.limit and count >= args.limit:
+                        break
+                if count == 0:
+                    print("(no entries)")
+                return 0
+            if args.action == "allow":
+                done = await admin.allow(args.client, args.sender, args.recipient)
+            else:
+                done = await admin.remove(args.client, args.sender, args.recipient)
+            print(done)
+            return 0
+
+    if args.action in ("allow", "remove") and not args.client:
+        print(f"mxward greylist {args.action}: --client is required", file=sys.stderr)
+        return 2
+    if args.action in ("allow", "remove") and bool(args.sender) != bool(args.recipient) and args.sender is not None:
+        print(f"mxward greylist {args.action}: --sender needs --recipient", file=sys.stderr)
+        return 2
+    if args.client:
+        try:
+            ipaddress.ip_address(args.client)
+        except ValueError:
+            print(f"mxward greylist: --client {args.client!r} is not an IP address", file=sys.stderr)
+            return 2
+    return asyncio.run(run())
+
+
+def cmd_state(args: argparse.Namespace, config: Config) -> int:
+    async def run() -> int:
+        async with _services(config) as services:
+            from mxward.policyd.daemon import build_pipeline
+
+            _, checks = await build_pipeline(config, services)
+            for decl in services.state.declarations():
+                print(f"{decl.namespace:<10} {decl.pattern:<36} ttl {decl.ttl:<28} {decl.description}")
+            for check in checks:
+                await check.aclose()
+            await services.state.ping()
+            print(f"state store reachable ({config.state.url or 'embedded'})")
+            return 0
+
+    return asyncio.run(run())
+
+
+def cmd_postfix_config(args: argparse.Namespace, config: Config) -> int:
+    p = config.policyd
+    kind, host, port = parse_listen(p.listen[0])
+    endpoint = f"unix:{host}" if kind == "unix" else f"inet:{host if ':' not in host else '[' + host + ']'}:{port}"
+    timeout = int(p.request_deadline + 5)
+    print(
+        f"""# mxward {_version()}: main.cf lines for {config.path or 'the built-in defaults'}
+# Apply with postconf -e, or paste into main.cf, then: postfix reload
+#
+# The policy check comes after the relay check, so its answers can never open a relay.
+# timeout: above mxward's request deadline ({p.request_deadline:g}s), far below Postfix's 100s.
+# default_action: what Postfix does if mxward cannot be reached at all. DUNNO lets mail in
+# unchecked; "451 4.3.5 Policy service unavailable" would defer everything instead (no mail
+# is lost either way: senders retry).
+smtpd_recipient_restrictions =
+    reject_unauth_destination,
+    check_policy_service {{ {endpoint}, timeout={timeout}s, {{ default_action = DUNNO }} }}
+
+# Stage hooks for DATA and END-OF-MESSAGE checks (harmless when none are configured):
+# smtpd_data_restrictions = check_policy_service {{ {endpoint}, timeout={timeout}s, {{ default_action = DUNNO }} }}
+# smtpd_end_of_data_restrictions = check_policy_service {{ {endpoint}, timeout={timeout}s, {{ default_action = DUNNO }} }}"""
+    )
+    if kind == "unix":
+        print(
+            "\n# A unix socket outside the Postfix queue directory is reachable only from an"
+            "\n# smtpd that does not run chroot'ed (master.cf chroot column 'n')."
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="mxward",
+        description="Anti-spam policy daemon and content filter for Postfix.",
+    )
+    top.add_argument("--config", metavar="PATH", help="configuration file (default: $MXWARD_CONFIG, "
+                     "else /etc/mxward/mxward.toml)")
+    top.add_argument("--version", action="version", version=f"mxward {_version()}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("run", help="run mxward: the policy daemon and, without [state] url, the embedded state server")
+    sub.add_parser("policyd", help="run the Postfix policy daemon (starts the embedded state server "
+                   "if no [state] url is set and none is running)")
+    sub.add_parser("check", help="decide policy requests read from stdin (name=value lines, a blank line "
+                   "between requests) and print every check's result; state is updated as for real requests")
+    grey = sub.add_parser("greylist", help="list, allow or remove greylisting entries")
+    grey.add_argument("action", choices=["list", "allow", "remove"])
+    grey.add_argument("--client", help="client IP address (its network is used, as in the triplet)")
+    grey.add_argument("--sender", help="envelope sender of a triplet (empty string for <>)")
+    grey.add_argument("--recipient", help="recipient of a triplet")
+    grey.add_argument("--limit", type=int, default=0, help="list at most this many entries")
+    state = sub.add_parser("state", help="show the Redis key layout and test the connection")
+    state.add_argument("action", choices=["keys"])
+    sub.add_parser("postfix-config", help="print the main.cf lines for this configuration")
+    check = sub.add_parser("config-check", help="validate a configuration file (exit 78 if invalid)")
+    check.add_argument("file", nargs="?", help="file to check (default: the --config file)")
+    return top
+
+
+COMMANDS = {
+    "run": cmd_policyd,
+    "policyd": cmd_policyd,
+    "check": cmd_check,
+    "greylist": cmd_greylist,
+    "state": cmd_state,
+    "postfix-config": cmd_postfix_config,
+    "config-check": cmd_config_check,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "config-check" and args.file:
+        args.config = args.file
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"mxward: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.command not in ("run", "policyd"):
+        _setup_logging(config, "mxward", stderr=True)
+        if args.command != "check":
+            logging.getLogger().setLevel(logging.WARNING)
+    elif not config.path:
+        path, _ = config_path(args.config)
+        print(f"mxward: {path} not found; running on built-in defaults", file=sys.stderr)
+    try:
+        return COMMANDS[args.command](args, config)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"mxward {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Small address helpers shared by the daemons and the checks: network lists and masking."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+__all__ = ["IPNetwork", "NetworkList", "mask_address", "parse_ip"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """Parse a client address as Postfix sends it; IPv4-mapped IPv6 becomes plain IPv4.
+
+    Postfix writes IPv6 clients without brackets or an ``IPv6:`` prefix, but other callers may
+    not, so both are tolerated. Returns None for an unparsable value.
+    """
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def mask_address(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> IPNetwork:
+    """The network of ``ip`` at the given prefix length (/24 and /64 group a sender's pool)."""
+    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
+    return ipaddress.ip_network((ip, prefix), strict=False)
+
+
+class NetworkList:
+    """An immutable list of networks with a fast membership test.
+
+    Entries are CIDR networks or single addresses (``192.0.2.0/24``, ``2001:db8::/32``,
+    ``127.0.0.1``). A bad entry raises ValueError naming it.
+    """
+
+    __slots__ = ("_v4", "_v6", "entries")
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        v4: list[ipaddress.IPv4Network] = []
+        v6: list[ipaddress.IPv6Network] = []
+        kept: list[str] = []
+        for entry in entries:
+            try:
+                net = ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP network or address") from None
+            (v4 if isinstance(net, ipaddress.IPv4Network) else v6).append(net)  # type: ignore[arg-type]
+            kept.append(str(net))
+        self._v4 = tuple(v4)
+        self._v6 = tuple(v6)
+        self.entries = tuple(kept)
+
+    def __contains__(self, ip: object) -> bool:
+        if isinstance(ip, ipaddress.IPv4Address):
+            return any(ip in net for net in self._v4)
+        if isinstance(ip, ipaddress.IPv6Address):
+            return any(ip in net for net in self._v6)
+        return False
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def __repr__(self) -> str:
+        return f"NetworkList({list(self.entries)!r})"

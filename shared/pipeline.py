@@ -1,0 +1,272 @@
+"""The pipeline: runs the configured checks and turns their results into one decision.
+
+Everything checks must not repeat lives here:
+
+* **Order**: checks run in configuration order within a stage. Neighbouring checks that need no
+  facts from others run concurrently; a check with ``needs`` waits for the ones before it.
+* **Budgets**: each check runs under its own ``timeout``, and the whole request under the
+  request deadline; running out of time gives an ERROR result (``error=timeout``).
+* **Failures**: any exception becomes an ERROR result with the traceback logged (state and DNS
+  unavailability are logged without one); ``on_error = "tempfail"`` turns a check's ERROR into
+  ``451 4.3.0``, ``"ignore"`` (the default) lets the mail through. Cancellation propagates.
+* **Exemptions**: authenticated clients and allow-listed networks are decided once, here; no
+  check runs for them.
+* **Observe mode**: the check runs and is logged (``greylist:fail(observe)``) and counted, but its
+  score and action are left out of the decision.
+* **Decisions**: a forced action wins; otherwise the summed score meets the thresholds, but only
+  from the configured reject stage on (qpsmtpd's deferred "naughty" rejection), so all reasons
+  are collected into one reply. The strongest action wins: REJECT over DEFER over
+  DEFER_IF_PERMIT over DUNNO.
+* **Replies**: only the pipeline builds reply text, from ``Result.reason`` (never ``log``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mxward.shared.dns import DnsError
+from mxward.shared.netutil import NetworkList
+from mxward.shared.plugin import (
+    DUNNO,
+    Action,
+    ActionKind,
+    Check,
+    Decision,
+    LogValue,
+    Result,
+    Stage,
+    Transaction,
+    Verdict,
+)
+from mxward.shared.state import StateError
+
+__all__ = ["ActiveCheck", "Pipeline", "PipelineSettings"]
+
+log = logging.getLogger("mxward.pipeline")
+
+_MAX_REPLY_TEXT = 400
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSettings:
+    """What the pipeline needs from the configuration."""
+
+    deadline: float = 10.0
+    reject_stage: Stage = Stage.RCPT
+    reject_score: float = 10.0
+    defer_score: float = float("inf")
+    reject_code: int = 550
+    reject_dsn: str = "5.7.1"
+    defer_code: int = 450
+    defer_dsn: str = "4.7.1"
+    exempt_authenticated: bool = True
+    exempt_networks: NetworkList = dataclasses.field(default_factory=lambda: NetworkList(()))
+    tempfail_text: str = "Temporary local problem, please try again later"
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveCheck:
+    """A check instance with the common settings from its ``[checks.<name>]`` table."""
+
+    check: Check[object]
+    timeout: float
+    on_error: str = "ignore"
+    observe: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.check.name
+
+
+class Pipeline:
+    """Runs checks by stage and decides. One instance per process, shared by all requests."""
+
+    def __init__(self, checks: Sequence[ActiveCheck], settings: PipelineSettings) -> None:
+        self.settings = settings
+        self.checks = tuple(checks)
+        self._by_stage: dict[Stage, tuple[ActiveCheck, ...]] = {
+            stage: tuple(c for c in self.checks if stage in c.check.stages) for stage in Stage
+        }
+        self.observed: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._verify_facts()
+
+    def _verify_facts(self) -> None:
+        provided: set[str] = set()
+        for active in self.checks:
+            missing = [fact for fact in active.check.needs if fact not in provided]
+            if missing:
+                raise ValueError(
+                    f"check {active.name!r} needs {missing}, which no check before it provides"
+                )
+            provided.update(active.check.provides)
+
+    def has_checks(self, stage: Stage) -> bool:
+        return bool(self._by_stage[stage])
+
+    # ----------------------------------------------------------------------------------------
+    # exemptions
+
+    def exemption(self, tx: Transaction) -> str:
+        """Why no check runs for this client (``"sasl"``, ``"network"``), or ``""``."""
+        if self.settings.exempt_authenticated and tx.sasl_username:
+            return "sasl"
+        if tx.client_ip is not None and tx.client_ip in self.settings.exempt_networks:
+            return "network"
+        return ""
+
+    # ----------------------------------------------------------------------------------------
+    # running checks
+
+    async def run(
+        self, stages: Iterable[Stage], tx: Transaction, deadline: float
+    ) -> list[Result]:
+        """Run every enabled check of ``stages`` (in order) and return their results.
+
+        ``deadline`` is a ``loop.time()`` value; checks still running then are cut off.
+        """
+        results: list[Result] = []
+        facts: dict[str, LogValue] = dict(tx.facts)
+        for stage in stages:
+            checks = self._by_stage[stage]
+            if not checks:
+                continue
+            stage_tx = tx if (stage is tx.stage and facts == tx.facts) else tx.with_stage(stage, dict(facts))
+            group: list[ActiveCheck] = []
+            for active in checks:
+                if active.check.needs and group:
+                    results.extend(await self._run_group(group, stage, stage_tx, deadline))
+                    group = []
+                    facts.update(_facts(results))
+                    stage_tx = tx.with_stage(stage, dict(facts))
+                group.append(active)
+            if group:
+                results.extend(await self._run_group(group, stage, stage_tx, deadline))
+                facts.update(_facts(results))
+        return results
+
+    async def _run_group(
+        self, group: list[ActiveCheck], stage: Stage, tx: Transaction, deadline: float
+    ) -> list[Result]:
+        if len(group) == 1:
+            return [await self._run_one(group[0], stage, tx, deadline)]
+        return list(await asyncio.gather(*(self._run_one(a, stage, tx, deadline) for a in group)))
+
+    async def _run_one(
+        self, active: ActiveCheck, stage: Stage, tx: Transaction, deadline: float
+    ) -> Result:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        budget = min(active.timeout, deadline - loop.time())
+        if budget <= 0:
+            result = _error(active.name, "deadline")
+        else:
+            try:
+                async with asyncio.timeout(budget):
+                    result = await active.check.check(stage, tx)
+            except TimeoutError:
+                result = _error(active.name, "timeout")
+            except StateError as exc:
+                log.warning("check=%s error: state store: %s", active.name, exc)
+                result = _error(active.name, "state unavailable")
+            except DnsError as exc:
+                log.warning("check=%s error: dns: %s", active.name, exc)
+                result = _error(active.name, "dns temporary failure")
+            except Exception as exc:
+                log.exception("check=%s raised %s", active.name, type(exc).__name__)
+                result = _error(active.name, f"exception {type(exc).__name__}")
+        elapsed = (time.perf_counter() - started) * 1000.0
+        if active.observe:
+            if result.action is not None or result.score:
+                what = result.action.kind.name if result.action else f"score {result.score:g}"
+                self.observed[(active.name, what)] += 1
+            return dataclasses.replace(result, elapsed_ms=elapsed, observed=True)
+        if result.verdict is Verdict.ERROR and active.on_error == "tempfail" and result.action is None:
+            result = dataclasses.replace(
+                result, action=Action.defer(self.settings.tempfail_text, 451, "4.3.0")
+            )
+        return dataclasses.replace(result, elapsed_ms=elapsed)
+
+    # ----------------------------------------------------------------------------------------
+    # deciding
+
+    def decide(
+        self, stage: Stage, results: Sequence[Result], *, exempt: str = "", elapsed_ms: float = 0.0
+    ) -> Decision:
+        """Turn the results gathered so far for this transaction into one decision at ``stage``."""
+        settings = self.settings
+        counted = [r for r in results if not r.observed]
+        score = sum(r.score for r in counted)
+        action = DUNNO
+        reasons: list[str] = []
+        for result in counted:
+            if result.action is not None and result.action.kind > action.kind:
+                action = result.action
+                reasons = [result.reason or result.action.text]
+        if stage.order >= settings.reject_stage.order and action.kind < ActionKind.DEFER:
+            scored: Action | None = None
+            if score >= settings.reject_score:
+                scored = Action(ActionKind.REJECT, settings.reject_code, settings.reject_dsn, "x")
+            elif score >= settings.defer_score:
+                scored = Action(ActionKind.DEFER, settings.defer_code, settings.defer_dsn, "x")
+            if scored is not None:
+                reasons = [r.reason for r in counted if r.score > 0 and r.reason] or ["policy score too high"]
+                text = _reply_text("; ".join(dict.fromkeys(reasons)))
+                action = dataclasses.replace(scored, text=text)
+        header = ""
+        if action.kind is ActionKind.DUNNO:
+            header = next((r.header for r in counted if r.header), "")
+        return Decision(
+            action=action,
+            score=score,
+            results=tuple(results),
+            stage=stage,
+            exempt=exempt,
+            header=header,
+            reasons=tuple(reasons),
+            elapsed_ms=elapsed_ms,
+        )
+
+    async def after(self, tx: Transaction, decision: Decision) -> None:
+        """Run every check's bookkeeping hook; failures are logged, never raised."""
+        names = {r.check for r in decision.results}
+        for active in self.checks:
+            if active.name not in names:
+                continue
+            try:
+                async with asyncio.timeout(active.timeout):
+                    await active.check.after(tx, decision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("check=%s after-hook failed: %s: %s", active.name, type(exc).__name__, exc)
+
+
+def _facts(results: Iterable[Result]) -> dict[str, LogValue]:
+    out: dict[str, LogValue] = {}
+    for result in results:
+        if result.facts:
+            out.update(result.facts)
+    return out
+
+
+def _error(name: str, what: str) -> Result:
+    return Result(check=name, verdict=Verdict.ERROR, log={"error": what})
+
+
+def _reply_text(text: str) -> str:
+    """Client-facing text: printable, one line, bounded (Postfix cuts replies at 510 bytes)."""
+    clean = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    if len(clean) > _MAX_REPLY_TEXT:
+        clean = clean[: _MAX_REPLY_TEXT - 3].rstrip() + "..."
+    return clean or "Rejected by policy"
+
+
+def sanitize_reply_text(text: str) -> str:
+    """Public form of the reply-text cleaner, for daemons formatting their own replies."""
+    return _reply_text(text)

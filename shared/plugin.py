@@ -1,0 +1,311 @@
+"""The check contract: stages, verdicts, results, actions and the :class:`Check` base class.
+
+A check is a small module that reports facts about a transaction. It never writes a Postfix
+action or an SMTP reply itself: it returns a :class:`Result`, and the pipeline
+(:mod:`mxward.shared.pipeline`) turns the results of all checks into one decision.
+
+Built-in checks are listed explicitly (``mxward.policyd.checks.CHECKS``); third-party checks are
+Python packages that register a :class:`Check` subclass under the entry-point group
+``mxward.checks`` and are imported only when the configuration names them.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from mxward.shared.clock import Clock
+    from mxward.shared.dns import Resolver
+    from mxward.shared.state import StateStore
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Action",
+    "ActionKind",
+    "Check",
+    "CheckLoadError",
+    "Decision",
+    "IPAddress",
+    "LogValue",
+    "NoOptions",
+    "Result",
+    "Services",
+    "Stage",
+    "Transaction",
+    "Verdict",
+    "load_check_class",
+]
+
+ENTRY_POINT_GROUP = "mxward.checks"
+
+LogValue = str | int | float | bool | None
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Stage(enum.Enum):
+    """When the data a check needs is complete, in the order the stages occur."""
+
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    END_OF_MESSAGE = "end-of-message"
+    CONTENT = "content"
+
+    @property
+    def order(self) -> int:
+        return _STAGE_ORDER[self]
+
+    @classmethod
+    def parse(cls, text: str) -> Stage:
+        """Parse a stage name as written in the configuration (``rcpt``, ``end-of-message``)."""
+        try:
+            return cls(text.strip().lower().replace("_", "-"))
+        except ValueError:
+            valid = ", ".join(s.value for s in cls)
+            raise ValueError(f"unknown stage {text!r} (valid: {valid})") from None
+
+
+_STAGE_ORDER = {stage: index for index, stage in enumerate(Stage)}
+
+
+class Verdict(enum.Enum):
+    """qpsmtpd's log words."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"
+    ERROR = "error"
+
+
+class ActionKind(enum.IntEnum):
+    """What the reply does, ordered by strength: a stronger action wins over a weaker one."""
+
+    DUNNO = 0
+    DEFER_IF_PERMIT = 1
+    DEFER = 2
+    REJECT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A decision to send: kind plus the SMTP code, enhanced status code and text.
+
+    Every non-DUNNO action carries all three, because Postfix treats a bare code or an empty
+    action as OK (see the policy protocol notes in docs/architecture.md).
+    """
+
+    kind: ActionKind
+    code: int = 0
+    dsn: str = ""
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind is ActionKind.DUNNO:
+            return
+        if not (400 <= self.code <= 599) or not self.dsn or not self.text:
+            raise ValueError(f"{self.kind.name} needs a code, an enhanced code and a text")
+        if str(self.code)[0] != self.dsn[0]:
+            raise ValueError(f"code {self.code} and enhanced code {self.dsn} disagree")
+        if self.kind is ActionKind.REJECT and self.code < 500:
+            raise ValueError("REJECT needs a 5xx code")
+        if self.kind in (ActionKind.DEFER, ActionKind.DEFER_IF_PERMIT) and self.code >= 500:
+            raise ValueError(f"{self.kind.name} needs a 4xx code")
+
+    @classmethod
+    def defer_if_permit(cls, text: str, dsn: str = "4.7.1") -> Action:
+        return cls(ActionKind.DEFER_IF_PERMIT, 450, dsn, text)
+
+    @classmethod
+    def defer(cls, text: str, code: int = 450, dsn: str = "4.7.1") -> Action:
+        return cls(ActionKind.DEFER, code, dsn, text)
+
+    @classmethod
+    def reject(cls, text: str, code: int = 550, dsn: str = "5.7.1") -> Action:
+        return cls(ActionKind.REJECT, code, dsn, text)
+
+    @property
+    def reply(self) -> str:
+        """``450 4.7.1 text``: the SMTP reply this action makes (empty for DUNNO)."""
+        if self.kind is ActionKind.DUNNO:
+            return ""
+        return f"{self.code} {self.dsn} {self.text}"
+
+
+DUNNO = Action(ActionKind.DUNNO)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """What one check found.
+
+    ``reason`` is client-facing and may go into the SMTP reply; ``log`` is operator-facing
+    key=value data; ``facts`` are for later checks and for the content filter
+    (``"greylist.status"``); ``action`` forces the reply (greylist deferral), otherwise the
+    summed ``score`` decides at the configured stage. ``header`` is a header line to PREPEND
+    (``X-Greylist: ...``) when the message is accepted.
+    """
+
+    check: str
+    verdict: Verdict
+    score: float = 0.0
+    reason: str = ""
+    log: Mapping[str, LogValue] = field(default_factory=dict)
+    facts: Mapping[str, LogValue] = field(default_factory=dict)
+    action: Action | None = None
+    header: str = ""
+    elapsed_ms: float = 0.0
+    observed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transaction:
+    """One envelope as the checks see it: the same shape in policyd and in the content filter.
+
+    Values come from Postfix unchanged (``sender`` is empty for the null sender ``<>``).
+    ``attrs`` holds every attribute of the policy request; ``facts`` holds what earlier checks
+    of this transaction provided.
+    """
+
+    stage: Stage
+    client_address: str = ""
+    client_ip: IPAddress | None = None
+    client_name: str = "unknown"
+    reverse_client_name: str = "unknown"
+    helo: str = ""
+    sender: str = ""
+    recipient: str = ""
+    recipient_count: int = 0
+    sasl_username: str = ""
+    instance: str = ""
+    queue_id: str = ""
+    protocol_state: str = ""
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    facts: Mapping[str, LogValue] = field(default_factory=dict)
+
+    def with_stage(self, stage: Stage, facts: Mapping[str, LogValue]) -> Transaction:
+        return dataclasses.replace(self, stage=stage, facts=facts)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """The pipeline's answer for one request: the action, and everything that led to it."""
+
+    action: Action
+    score: float
+    results: tuple[Result, ...]
+    stage: Stage
+    exempt: str = ""
+    header: str = ""
+    reasons: tuple[str, ...] = ()
+    elapsed_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What a check may touch: created once per process and passed in (no globals)."""
+
+    dns: Resolver
+    state: StateStore
+    clock: Clock
+    hostname: str = "localhost"
+
+
+@dataclass(frozen=True, slots=True)
+class NoOptions:
+    """Options type for a check that has no options of its own."""
+
+
+OptionsT = TypeVar("OptionsT")
+
+
+class Check(abc.ABC, Generic[OptionsT]):
+    """Base class of every check.
+
+    Subclasses set ``name`` (= module name = ``[checks.<name>]`` = log key = Redis namespace),
+    ``stages``, ``options_type`` (a frozen dataclass: the config schema, every field with a
+    default) and optionally ``needs``/``provides`` (fact names) and ``timeout`` (seconds, the
+    default budget; ``timeout`` in ``[checks.<name>]`` overrides it). The module docstring is
+    the check's manual.
+    """
+
+    name: ClassVar[str]
+    stages: ClassVar[frozenset[Stage]]
+    options_type: ClassVar[type[Any]] = NoOptions
+    needs: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+    timeout: ClassVar[float] = 5.0
+
+    def __init__(self, options: OptionsT, services: Services) -> None:
+        self.options = options
+        self.services = services
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare before the first request (load files, register scripts)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`start` acquired."""
+
+    @abc.abstractmethod
+    async def check(self, stage: Stage, tx: Transaction) -> Result:
+        """Examine the transaction at ``stage`` and report."""
+
+    async def after(self, tx: Transaction, decision: Decision) -> None:  # noqa: B027 - optional hook
+        """Bookkeeping once the decision is known (runs after the reply is sent)."""
+
+    def result(
+        self,
+        verdict: Verdict,
+        score: float = 0.0,
+        reason: str = "",
+        *,
+        facts: Mapping[str, LogValue] | None = None,
+        action: Action | None = None,
+        header: str = "",
+        **log: LogValue,
+    ) -> Result:
+        return Result(
+            check=self.name,
+            verdict=verdict,
+            score=score,
+            reason=reason,
+            log=log,
+            facts=facts or {},
+            action=action,
+            header=header,
+        )
+
+
+class CheckLoadError(Exception):
+    """A check named in the configuration cannot be found or is not a valid check."""
+
+
+def load_check_class(name: str, builtins: Mapping[str, type[Check[Any]]]) -> type[Check[Any]]:
+    """Return the check class called ``name``: a built-in, else an ``mxward.checks`` entry point."""
+    if name in builtins:
+        return builtins[name]
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        known = ", ".join(sorted(builtins))
+        raise CheckLoadError(
+            f"unknown check {name!r}: not built in ({known}) and no package registers it "
+            f"in the entry-point group {ENTRY_POINT_GROUP!r}"
+        )
+    try:
+        cls = found[0].load()
+    except Exception as exc:
+        raise CheckLoadError(f"check {name!r}: cannot import {found[0].value}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Check)):
+        raise CheckLoadError(f"check {name!r}: {found[0].value} is not a subclass of mxward Check")
+    if getattr(cls, "name", None) != name:
+        raise CheckLoadError(f"check {name!r}: {found[0].value} declares name {cls.name!r}")
+    return cls
