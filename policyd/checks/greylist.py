@@ -92,7 +92,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mxward.shared.config import Duration, format_duration
+from mxward.shared.units import Duration, format_duration
 from mxward.shared.matchers import AddressList, DomainList, split_address
 from mxward.shared.netutil import NetworkList, mask_address
 from mxward.shared.plugin import Action, Check, Result, Services, Stage, Transaction, Verdict

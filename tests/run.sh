@@ -1,0 +1,33 @@
+#!/bin/sh
+# The test command: install everything the tests need on Debian 12 (as root), then run the
+# linters, the type checker and the whole test suite. Usage: sh tests/run.sh [pytest args]
+set -eu
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+need=""
+command -v postfix >/dev/null || need="$need postfix"
+command -v swaks >/dev/null || need="$need swaks"
+command -v redis-server >/dev/null || need="$need redis-server"
+command -v socat >/dev/null || need="$need socat"
+command -v ss >/dev/null || need="$need iproute2"
+python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
+if [ -n "$need" ]; then
+    apt-get update -q
+    # "No configuration": the package must not set up (or start) a system Postfix; the tests
+    # run private instances on loopback.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    apt-get install -y -q $need
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test,speed]' --config-settings editable_mode=strict
+
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy --strict"
+.venv/bin/mypy policyd contentfilter shared
+echo "== pytest"
+.venv/bin/pytest "$@"
