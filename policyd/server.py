@@ -28,6 +28,7 @@ import logging
 import socket
 import time
 from collections.abc import Sequence
+from typing import cast
 
 from mxward.policyd.protocol import Limits, ProtocolError, RequestParser, format_reply
 from mxward.policyd.service import PolicyService
@@ -72,12 +73,14 @@ class PolicyConnection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.partial_since = 0.0
         self.closing = False
+        self.eof = False
         self.requests = 0
 
     # asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports do not subclass asyncio.Transport, but offer the same methods.
+        transport = cast("asyncio.Transport", transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
@@ -100,6 +103,14 @@ class PolicyConnection(asyncio.Protocol):
         if self.task is not None and not self.task.done():
             # Postfix hung up while we were deciding: nobody wants the answer any more.
             self.task.cancel()
+
+    def eof_received(self) -> bool:
+        # The client closed its sending side (socat, a test script): answer what it sent, then
+        # close. Returning True keeps the transport open for those answers.
+        self.eof = True
+        if not self.busy:
+            self.close()
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -137,7 +148,7 @@ class PolicyConnection(asyncio.Protocol):
                 return
             transport.write(format_reply(text))
             self.last_activity = time.monotonic()
-        if self.server.stopping and not self.queue:
+        if (self.server.stopping or self.eof) and not self.queue:
             self.close()
 
     @property
