@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from mxward.policyd.protocol import STATE_STAGES, action_text
-from mxward.shared.logs import decision_line
+from mxward.shared.logs import decision_line, info_line
 from mxward.shared.netutil import parse_ip
 from mxward.shared.pipeline import Pipeline
 from mxward.shared.plugin import Decision, Result, Stage, Transaction
@@ -96,7 +96,7 @@ class PolicyService:
         exempt = pipeline.exemption(tx)
         results: list[Result] = []
         if not exempt:
-            early = [s for s in _EARLY if s.order <= stage.order and pipeline.has_checks(s)]
+            early = pipeline.early_stages(stage)
             if early:
                 results.extend(await self._early_results(early, tx, deadline))
             if stage not in _EARLY and pipeline.has_checks(stage):
@@ -113,8 +113,8 @@ class PolicyService:
         """Decide, log the decision line, schedule the after-hooks; return the action text."""
         text, tx, decision = await self.decide(attrs)
         if log.isEnabledFor(logging.INFO):
-            log.info("%s", decision_line(tx, decision, text))
-        if decision.results:
+            info_line(log, decision_line(tx, decision, text))
+        if decision.results and self.pipeline.has_after_hooks:
             task = asyncio.get_running_loop().create_task(self.pipeline.after(tx, decision))
             self.after_tasks.add(task)
             task.add_done_callback(self.after_tasks.discard)

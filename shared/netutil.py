@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 
-__all__ = ["IPNetwork", "NetworkList", "mask_address", "parse_ip"]
+__all__ = ["IPNetwork", "NetworkList", "mask_address", "network_text", "parse_ip"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -17,6 +18,10 @@ def parse_ip(text: str) -> IPAddress | None:
     Postfix writes IPv6 clients without brackets or an ``IPv6:`` prefix, but other callers may
     not, so both are tolerated. Returns None for an unparsable value.
     """
+    try:  # the common case, fast: a plain IPv4 address as Postfix sends it
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        pass
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
@@ -33,8 +38,19 @@ def parse_ip(text: str) -> IPAddress | None:
 
 def mask_address(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> IPNetwork:
     """The network of ``ip`` at the given prefix length (/24 and /64 group a sender's pool)."""
-    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
-    return ipaddress.ip_network((ip, prefix), strict=False)
+    if isinstance(ip, ipaddress.IPv4Address):
+        mask = (0xFFFFFFFF << (32 - ipv4_prefix)) & 0xFFFFFFFF
+        return ipaddress.IPv4Network((int(ip) & mask, ipv4_prefix))
+    mask6 = ((1 << 128) - 1) ^ ((1 << (128 - ipv6_prefix)) - 1)
+    return ipaddress.IPv6Network((int(ip) & mask6, ipv6_prefix))
+
+
+def network_text(ip: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """``str(mask_address(...))``, computed without building a network object for IPv4."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        n = int(ip) & ((0xFFFFFFFF << (32 - ipv4_prefix)) & 0xFFFFFFFF)
+        return f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}/{ipv4_prefix}"
+    return str(mask_address(ip, ipv4_prefix, ipv6_prefix))
 
 
 class NetworkList:

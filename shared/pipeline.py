@@ -94,6 +94,12 @@ class Pipeline:
             stage: tuple(c for c in self.checks if stage in c.check.stages) for stage in Stage
         }
         self.observed: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Only checks that override after() get a bookkeeping call (saves a task per request).
+        self._with_after = tuple(c for c in self.checks if type(c.check).after is not Check.after)
+        early = (Stage.CONNECT, Stage.HELO, Stage.MAIL)
+        self._early = {
+            stage: [s for s in early if s.order <= stage.order and self._by_stage[s]] for stage in Stage
+        }
         self._verify_facts()
 
     def _verify_facts(self) -> None:
@@ -108,6 +114,10 @@ class Pipeline:
 
     def has_checks(self, stage: Stage) -> bool:
         return bool(self._by_stage[stage])
+
+    def early_stages(self, stage: Stage) -> list[Stage]:
+        """The connect/helo/mail stages up to ``stage`` that have checks (computed once)."""
+        return self._early[stage]
 
     # ----------------------------------------------------------------------------------------
     # exemptions
@@ -232,10 +242,14 @@ class Pipeline:
             elapsed_ms=elapsed_ms,
         )
 
+    @property
+    def has_after_hooks(self) -> bool:
+        return bool(self._with_after)
+
     async def after(self, tx: Transaction, decision: Decision) -> None:
         """Run every check's bookkeeping hook; failures are logged, never raised."""
         names = {r.check for r in decision.results}
-        for active in self.checks:
+        for active in self._with_after:
             if active.name not in names:
                 continue
             try:

@@ -94,7 +94,7 @@ from typing import Any, ClassVar
 
 from mxward.shared.units import Duration, format_duration
 from mxward.shared.matchers import AddressList, DomainList, split_address
-from mxward.shared.netutil import NetworkList, mask_address
+from mxward.shared.netutil import NetworkList, mask_address, network_text
 from mxward.shared.plugin import Action, Check, Result, Services, Stage, Transaction, Verdict
 
 __all__ = ["GreylistCheck", "Options", "normalise_sender"]
@@ -242,7 +242,7 @@ class GreylistCheck(Check[Options]):
 
     def network(self, tx: Transaction) -> str:
         assert tx.client_ip is not None
-        return str(mask_address(tx.client_ip, self.options.ipv4_prefix, self.options.ipv6_prefix))
+        return network_text(tx.client_ip, self.options.ipv4_prefix, self.options.ipv6_prefix)
 
     def triplet_keys(self, net: str, sender: str, recipient: str) -> tuple[str, str]:
         return (self._ns.key("t", f"{sender}/{recipient}", tag=net), self._ns.key("c", tag=net))

@@ -60,11 +60,16 @@ class SentinelSetup:
         return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/mymaster"
 
     def master_port(self) -> int:
-        return int(
-            resp_command(
-                ("127.0.0.1", self.sentinel.port), "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"
-            )[1]
-        )
+        """The master's port in SENTINEL MASTERS (what clients ask; it changes at +switch-master)."""
+        masters = resp_command(("127.0.0.1", self.sentinel.port), "SENTINEL", "MASTERS")
+        fields = dict(zip(masters[0][0::2], masters[0][1::2], strict=True))
+        return int(fields["port"])
+
+    def replica_ready(self) -> bool:
+        """Sentinel has reached the replica and could promote it."""
+        replicas = resp_command(("127.0.0.1", self.sentinel.port), "SENTINEL", "REPLICAS", "mymaster")
+        fields = dict(zip(replicas[0][0::2], replicas[0][1::2], strict=True)) if replicas else {}
+        return fields.get("flags") == "slave" and fields.get("master-link-status") == "ok"
 
 
 @pytest.fixture
@@ -88,11 +93,7 @@ def sentinel_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentine
     sentinel.start()
     setup = SentinelSetup(master, replica, sentinel)
     try:
-        wait_for(lambda: replica.info("replication").get("master_link_status") == "up", "replication")
-        wait_for(
-            lambda: resp_command(("127.0.0.1", sentinel.port), "SENTINEL", "REPLICAS", "mymaster"),
-            "sentinel to discover the replica",
-        )
+        wait_for(setup.replica_ready, "sentinel to reach the replica")
         yield setup
     finally:
         for server in (sentinel, replica, master):
@@ -124,7 +125,7 @@ async def test_after_failover_readonly_is_unavailable_then_the_new_master_is_use
         wait_for(lambda: sentinel_setup.master_port() == new_port, "the failover")
         # What Sentinel does to the old master once it sees it again: make it a replica.
         sentinel_setup.master.command("REPLICAOF", "127.0.0.1", new_port)
-        with pytest.raises(StateUnavailableError, match="now a slave|READONLY"):
+        with pytest.raises(StateUnavailableError, match=r"now a slave|READONLY"):
             await ns.set(ns.key("during"), "2", 60)
         clock.advance(settings.retry_after)
         await ns.set(ns.key("after"), "3", 60)
@@ -136,7 +137,7 @@ async def test_sentinel_without_a_known_master_is_unavailable(sentinel_setup: Se
     url = f"redis+sentinel://127.0.0.1:{sentinel_setup.sentinel.port}/nosuchmaster"
     store = StateStore(StateSettings(url=url))
     try:
-        with pytest.raises(StateUnavailableError, match="MasterNotFound|No master"):
+        with pytest.raises(StateUnavailableError, match=r"MasterNotFound|No master"):
             await store.connect()
     finally:
         await store.aclose()
@@ -180,9 +181,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         for node in nodes:
             node.start()
+        addresses = [f"127.0.0.1:{n.port}" for n in nodes]
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes)]
-            + ["--cluster-replicas", "0", "--cluster-yes"],
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=30,
