@@ -142,10 +142,12 @@ def test_embedded_state_server_starts_persists_and_stops(tmp_path: Path) -> None
         assert client.ask(request(recipient="emb@example.com")).startswith("DEFER_IF_PERMIT")
         daemon.wait_log("embedded state server on")
     assert "embedded state server stopped" in log.read_text()
-    with running(config, log, address, command="run"), PolicyClient(address) as client:
-        # the triplet survived the restart: the wait is shorter than the full delay
+    with running(config, log, address, command="run") as daemon, PolicyClient(address) as client:
+        # the triplet survived the restart: it is a retry now ("early"), not a new triplet
         answer = client.ask(request(recipient="emb@example.com")) or ""
-        assert answer.startswith("DEFER_IF_PERMIT") and "300 seconds" not in answer
+        assert answer.startswith("DEFER_IF_PERMIT")
+        daemon.wait_log("rcpt=<emb@example.com> state=RCPT action=DEFER_IF_PERMIT score=0 checks=\"greylist:fail(forced,")
+        assert "[status=early" in daemon.log_text().rsplit("rcpt=<emb@example.com>", 1)[1]
 
 
 def test_idle_connections_are_closed(tmp_path: Path, redis_server: Any) -> None:
