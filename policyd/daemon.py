@@ -76,7 +76,7 @@ def bind_sockets(config: Config) -> list[socket.socket]:
                 sock.close()
                 raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
         sock.listen(1024)
-        sock.setblocking(False)
+        sock.setblocking(False)  # noqa: FBT003 - the socket API's own signature
         sockets.append(sock)
     return sockets
 
@@ -223,9 +223,9 @@ def _event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] 
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            log.warning("event_loop = \"uvloop\" but uvloop is not installed; using asyncio")
+            log.warning('event_loop = "uvloop" but uvloop is not installed; using asyncio')
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 def _worker_main(

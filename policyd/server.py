@@ -215,7 +215,8 @@ class PolicyServer:
             if not conn.busy:
                 conn.close()
         deadline = time.monotonic() + grace
-        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+        # Polls many connections, once, at shutdown.
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             if conn.busy:

@@ -153,7 +153,7 @@ class PolicyService:
             seen.popitem(last=False)
         return True
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, grace: float) -> None:
         """Wait for running after-hooks (at shutdown)."""
         if self.after_tasks:
-            await asyncio.wait(set(self.after_tasks), timeout=timeout)
+            await asyncio.wait(set(self.after_tasks), timeout=grace)

@@ -147,8 +147,10 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
         print(f"mxward check: {exc}", file=sys.stderr)
         return 2
     if not requests:
-        print("mxward check: no request on stdin (name=value lines, a blank line between requests)",
-              file=sys.stderr)
+        print(
+            "mxward check: no request on stdin (name=value lines, a blank line between requests)",
+            file=sys.stderr,
+        )
         return 2
 
     async def run() -> None:
@@ -218,7 +220,11 @@ def cmd_greylist(args: argparse.Namespace, config: Config) -> int:
     if args.action in ("allow", "remove") and not args.client:
         print(f"mxward greylist {args.action}: --client is required", file=sys.stderr)
         return 2
-    if args.action in ("allow", "remove") and bool(args.sender) != bool(args.recipient) and args.sender is not None:
+    if (
+        args.action in ("allow", "remove")
+        and bool(args.sender) != bool(args.recipient)
+        and args.sender is not None
+    ):
         print(f"mxward greylist {args.action}: --sender needs --recipient", file=sys.stderr)
         return 2
     if args.client:
@@ -250,10 +256,12 @@ def cmd_state(args: argparse.Namespace, config: Config) -> int:
 def cmd_postfix_config(args: argparse.Namespace, config: Config) -> int:
     p = config.policyd
     kind, host, port = parse_listen(p.listen[0])
-    endpoint = f"unix:{host}" if kind == "unix" else f"inet:{host if ':' not in host else '[' + host + ']'}:{port}"
+    endpoint = (
+        f"unix:{host}" if kind == "unix" else f"inet:{host if ':' not in host else '[' + host + ']'}:{port}"
+    )
     timeout = int(p.request_deadline + 5)
     print(
-        f"""# mxward {_version()}: main.cf lines for {config.path or 'the built-in defaults'}
+        f"""# mxward {_version()}: main.cf lines for {config.path or "the built-in defaults"}
 # Apply with postconf -e, or paste into main.cf, then: postfix reload
 #
 # The policy check comes after the relay check, so its answers can never open a relay.
@@ -266,8 +274,10 @@ smtpd_recipient_restrictions =
     check_policy_service {{ {endpoint}, timeout={timeout}s, {{ default_action = DUNNO }} }}
 
 # Stage hooks for DATA and END-OF-MESSAGE checks (harmless when none are configured):
-# smtpd_data_restrictions = check_policy_service {{ {endpoint}, timeout={timeout}s, {{ default_action = DUNNO }} }}
-# smtpd_end_of_data_restrictions = check_policy_service {{ {endpoint}, timeout={timeout}s, {{ default_action = DUNNO }} }}"""
+# smtpd_data_restrictions = check_policy_service {{ {endpoint}, timeout={timeout}s,
+#     {{ default_action = DUNNO }} }}
+# smtpd_end_of_data_restrictions = check_policy_service {{ {endpoint}, timeout={timeout}s,
+#     {{ default_action = DUNNO }} }}"""
     )
     if kind == "unix":
         print(
@@ -286,15 +296,26 @@ def parser() -> argparse.ArgumentParser:
         prog="mxward",
         description="Anti-spam policy daemon and content filter for Postfix.",
     )
-    top.add_argument("--config", metavar="PATH", help="configuration file (default: $MXWARD_CONFIG, "
-                     "else /etc/mxward/mxward.toml)")
+    top.add_argument(
+        "--config",
+        metavar="PATH",
+        help="configuration file (default: $MXWARD_CONFIG, else /etc/mxward/mxward.toml)",
+    )
     top.add_argument("--version", action="version", version=f"mxward {_version()}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("run", help="run mxward: the policy daemon and, without [state] url, the embedded state server")
-    sub.add_parser("policyd", help="run the Postfix policy daemon (starts the embedded state server "
-                   "if no [state] url is set and none is running)")
-    sub.add_parser("check", help="decide policy requests read from stdin (name=value lines, a blank line "
-                   "between requests) and print every check's result; state is updated as for real requests")
+    sub.add_parser(
+        "run", help="run mxward: the policy daemon and, without [state] url, the embedded state server"
+    )
+    sub.add_parser(
+        "policyd",
+        help="run the Postfix policy daemon (starts the embedded state server "
+        "if no [state] url is set and none is running)",
+    )
+    sub.add_parser(
+        "check",
+        help="decide policy requests read from stdin (name=value lines, a blank line "
+        "between requests) and print every check's result; state is updated as for real requests",
+    )
     grey = sub.add_parser("greylist", help="list, allow or remove greylisting entries")
     grey.add_argument("action", choices=["list", "allow", "remove"])
     grey.add_argument("--client", help="client IP address (its network is used, as in the triplet)")

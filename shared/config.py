@@ -36,7 +36,7 @@ from mxward.shared.dns import DnsSettings
 from mxward.shared.netutil import NetworkList
 from mxward.shared.plugin import Check, CheckLoadError, Stage
 from mxward.shared.state import StateSettings
-from mxward.shared.units import Duration, DurationMarker, format_duration, parse_duration
+from mxward.shared.units import Duration, DurationMarker, parse_duration
 
 __all__ = [
     "DEFAULT_PATH",
@@ -83,7 +83,7 @@ class GeneralSettings:
         target = self.log_target
         if not (target in ("stderr", "syslog") or target.startswith(("file:", "syslog:"))):
             raise ValueError(
-                f"log_target {target!r}: use \"stderr\", \"syslog\", \"syslog:/dev/log\" or \"file:/path\""
+                f'log_target {target!r}: use "stderr", "syslog", "syslog:/dev/log" or "file:/path"'
             )
 
 
@@ -156,7 +156,7 @@ class PolicydSettings:
         if min(self.max_line_length, self.max_attributes, self.max_request_size) <= 0:
             raise ValueError("max_line_length, max_attributes and max_request_size must be positive")
         if not re.fullmatch(r"0?[0-7]{3}", self.socket_mode):
-            raise ValueError(f"socket_mode {self.socket_mode!r} is not an octal mode like \"0660\"")
+            raise ValueError(f'socket_mode {self.socket_mode!r} is not an octal mode like "0660"')
         if len(set(self.checks)) != len(self.checks):
             raise ValueError("checks: a check is listed twice")
 
@@ -166,7 +166,10 @@ class PolicydSettings:
 
 
 def parse_listen(address: str) -> tuple[str, str, int]:
-    """``("unix", path, 0)`` or ``("inet", host, port)`` from ``unix:/path``, ``host:port``, ``[::1]:port``."""
+    """``("unix", path, 0)`` or ``("inet", host, port)``.
+
+    From ``unix:/path``, ``host:port`` or ``[::1]:port``.
+    """
     if address.startswith("unix:"):
         path = address[5:]
         if not path.startswith("/"):
@@ -391,7 +394,8 @@ def parse_config(data: Mapping[str, Any], *, source: str, resolve_check: CheckRe
             continue
         if key not in _TOP_TABLES:
             raise ConfigError(
-                f"{label}: unknown table or key {key!r} at top level (valid tables: {', '.join(valid_tables)})"
+                f"{label}: unknown table or key {key!r} at top level"
+                f" (valid tables: {', '.join(valid_tables)})"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{label}: {key!r} must be a table ([{key}])")
@@ -438,9 +442,7 @@ def _build_check(cls: type[Check[Any]], table: Any, label: str) -> CheckConfig:
     unknown = set(option_data) - option_keys
     if unknown:
         valid = ", ".join(sorted(common_keys | option_keys))
-        raise ConfigError(
-            f"{label}: [{where}] unknown key {sorted(unknown)[0]!r} (valid keys: {valid})"
-        )
+        raise ConfigError(f"{label}: [{where}] unknown key {min(unknown)!r} (valid keys: {valid})")
     common = build_settings(CheckCommon, common_data, source=label, table=where)
     if common.timeout <= 0:
         raise ConfigError(f"{label}: [{where}] timeout must be above 0")

@@ -69,8 +69,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from mxward.shared.units import Duration
-
 import dns.asyncresolver
 import dns.exception
 import dns.message
@@ -84,7 +82,9 @@ import dns.rdtypes.nsbase
 import dns.rdtypes.txtbase
 import dns.resolver
 import dns.rrset
+
 from mxward.shared.clock import SystemClock
+from mxward.shared.units import Duration
 
 if TYPE_CHECKING:
     from mxward.shared.clock import Clock

@@ -87,7 +87,7 @@ def find_server_binary(binary: str = "") -> str:
     """The server executable to run: ``binary`` if given, else the first one found (module docs)."""
     if binary:
         found = shutil.which(binary) if os.sep not in binary else binary
-        if found and os.path.isfile(found) and os.access(found, os.X_OK):  # noqa: PTH113
+        if found and os.path.isfile(found) and os.access(found, os.X_OK):
             return found
         raise EmbeddedServerError(f"[state] embedded_binary {binary!r} is not an executable file")
     tried: list[str] = []

@@ -107,9 +107,7 @@ class Pipeline:
         for active in self.checks:
             missing = [fact for fact in active.check.needs if fact not in provided]
             if missing:
-                raise ValueError(
-                    f"check {active.name!r} needs {missing}, which no check before it provides"
-                )
+                raise ValueError(f"check {active.name!r} needs {missing}, which no check before it provides")
             provided.update(active.check.provides)
 
     def has_checks(self, stage: Stage) -> bool:
@@ -133,9 +131,7 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------
     # running checks
 
-    async def run(
-        self, stages: Iterable[Stage], tx: Transaction, deadline: float
-    ) -> list[Result]:
+    async def run(self, stages: Iterable[Stage], tx: Transaction, deadline: float) -> list[Result]:
         """Run every enabled check of ``stages`` (in order) and return their results.
 
         ``deadline`` is a ``loop.time()`` value; checks still running then are cut off.
@@ -167,9 +163,7 @@ class Pipeline:
             return [await self._run_one(group[0], stage, tx, deadline)]
         return list(await asyncio.gather(*(self._run_one(a, stage, tx, deadline) for a in group)))
 
-    async def _run_one(
-        self, active: ActiveCheck, stage: Stage, tx: Transaction, deadline: float
-    ) -> Result:
+    async def _run_one(self, active: ActiveCheck, stage: Stage, tx: Transaction, deadline: float) -> Result:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         budget = min(active.timeout, deadline - loop.time())

@@ -79,7 +79,7 @@ _STAGE_ORDER = {stage: index for index, stage in enumerate(Stage)}
 class Verdict(enum.Enum):
     """qpsmtpd's log words."""
 
-    PASS = "pass"
+    PASS = "pass"  # noqa: S105 - a verdict word, not a password
     FAIL = "fail"
     SKIP = "skip"
     ERROR = "error"
@@ -247,17 +247,17 @@ class Check(abc.ABC, Generic[OptionsT]):
         self.options = options
         self.services = services
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
+    async def start(self) -> None:
         """Prepare before the first request (load files, register scripts)."""
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
+    async def aclose(self) -> None:
         """Release what :meth:`start` acquired."""
 
     @abc.abstractmethod
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         """Examine the transaction at ``stage`` and report."""
 
-    async def after(self, tx: Transaction, decision: Decision) -> None:  # noqa: B027 - optional hook
+    async def after(self, tx: Transaction, decision: Decision) -> None:
         """Bookkeeping once the decision is known (runs after the reply is sent)."""
 
     def result(

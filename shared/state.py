@@ -123,7 +123,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from mxward.shared.clock import Clock, SystemClock
-from mxward.shared.units import Duration  # noqa: TC001 (the config loader reads the annotations)
+from mxward.shared.units import Duration
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence

@@ -26,7 +26,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 6048
 def parse_duration(value: object) -> float:
     """Seconds from ``"250ms"``, ``"5m"``, ``"1h30m"``, ``"35d"`` or a number of seconds."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as \"30s\", \"5m\", \"35d\"")
+        raise ValueError('expected a duration such as "30s", "5m", "35d"')  # noqa: TRY004
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
@@ -35,7 +35,7 @@ def parse_duration(value: object) -> float:
         while pos < len(text):
             match = _DURATION_PART.match(text, pos)
             if match is None:
-                raise ValueError(f"{value!r} is not a duration (write e.g. \"30s\", \"5m\", \"35d\")")
+                raise ValueError(f'{value!r} is not a duration (write e.g. "30s", "5m", "35d")')
             seconds += float(match.group(1)) * _UNITS[match.group(2)]
             pos = match.end()
             parts += 1
@@ -44,7 +44,8 @@ def parse_duration(value: object) -> float:
         if parts == 0:
             raise ValueError("empty duration")
     else:
-        raise ValueError(f"expected a duration such as \"30s\", got {type(value).__name__}")
+        # ValueError on purpose: the loader reports it as a bad value in the file.
+        raise ValueError(f'expected a duration such as "30s", got {type(value).__name__}')  # noqa: TRY004
     if seconds < 0 or math.isnan(seconds):
         raise ValueError(f"duration {value!r} must not be negative")
     return seconds
@@ -58,5 +59,3 @@ def format_duration(seconds: float) -> str:
     if seconds < 1:
         return f"{round(seconds * 1000)}ms"
     return f"{seconds:g}s"
-
-

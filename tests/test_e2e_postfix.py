@@ -15,14 +15,17 @@ pytestmark = pytest.mark.postfix
 DELAY = 2  # seconds: greylisting's delay, shortened for the test
 
 
-def start(tmp_path: Path, postfix: Any, state_url: str, *, policyd: str = "", greylist: str = "",
-          **postfix_kw: Any) -> tuple[Any, Any]:
+def start(
+    tmp_path: Path, postfix: Any, state_url: str, *, policyd: str = "", greylist: str = "", **postfix_kw: Any
+) -> tuple[Any, Any]:
     config, log, address = write_config(
-        tmp_path, state_url, policyd=policyd,
+        tmp_path,
+        state_url,
+        policyd=policyd,
         greylist=f'delay = "{DELAY}s"\n' + greylist,
     )
     daemon_cm = running(config, log, address)
-    daemon = daemon_cm.__enter__()
+    daemon_cm.__enter__()
     try:
         instance = postfix(policy_service=f"inet:{address}", **postfix_kw)
     except BaseException:
@@ -31,8 +34,9 @@ def start(tmp_path: Path, postfix: Any, state_url: str, *, policyd: str = "", gr
     return daemon_cm, instance
 
 
-def test_first_attempt_is_greylisted_and_the_retry_is_delivered(tmp_path: Path, postfix: Any,
-                                                                redis_server: Any) -> None:
+def test_first_attempt_is_greylisted_and_the_retry_is_delivered(
+    tmp_path: Path, postfix: Any, redis_server: Any
+) -> None:
     """From 127.0.0.2: 450 4.7.1 on the first try, accepted and delivered after the delay."""
     daemon_cm, pf = start(tmp_path, postfix, redis_server.url)
     try:
@@ -44,8 +48,12 @@ def test_first_attempt_is_greylisted_and_the_retry_is_delivered(tmp_path: Path, 
         early = send_mail(pf.smtpd_port, mail_from="alice@sender.example", rcpt_to=["bob@sink.test"])
         assert early.rcpt["bob@sink.test"].code == 450
         time.sleep(DELAY + 0.2)
-        retry = send_mail(pf.smtpd_port, mail_from="alice@sender.example", rcpt_to=["bob@sink.test"],
-                          subject="greylisted then delivered")
+        retry = send_mail(
+            pf.smtpd_port,
+            mail_from="alice@sender.example",
+            rcpt_to=["bob@sink.test"],
+            subject="greylisted then delivered",
+        )
         assert retry.rcpt["bob@sink.test"].code == 250
         assert retry.data is not None and retry.data.code == 250
         delivered = pf.sink.wait_delivered("bob@sink.test", timeout=20)
@@ -62,8 +70,9 @@ def test_each_recipient_is_judged_on_its_own(tmp_path: Path, postfix: Any, redis
     try:
         send_mail(pf.smtpd_port, mail_from="carol@sender.example", rcpt_to=["known@sink.test"])
         time.sleep(DELAY + 0.2)
-        both = send_mail(pf.smtpd_port, mail_from="carol@sender.example",
-                         rcpt_to=["known@sink.test", "new@sink.test"])
+        both = send_mail(
+            pf.smtpd_port, mail_from="carol@sender.example", rcpt_to=["known@sink.test", "new@sink.test"]
+        )
         assert both.rcpt["known@sink.test"].code == 250
         assert both.rcpt["new@sink.test"].code == 450
         message = pf.sink.wait_delivered("known@sink.test", timeout=20)
@@ -76,9 +85,13 @@ def test_authenticated_client_is_not_greylisted(tmp_path: Path, postfix: Any, re
     """A client with a SASL login (here via XCLIENT LOGIN) gets 250 on the first try."""
     daemon_cm, pf = start(tmp_path, postfix, redis_server.url, xclient_hosts="127.0.0.3")
     try:
-        result = send_mail(pf.smtpd_port, client_ip="127.0.0.3", mail_from="dave@sender.example",
-                           rcpt_to=["auth@sink.test"],
-                           xclient={"ADDR": "127.0.0.3", "NAME": "[UNAVAILABLE]", "LOGIN": "dave"})
+        result = send_mail(
+            pf.smtpd_port,
+            client_ip="127.0.0.3",
+            mail_from="dave@sender.example",
+            rcpt_to=["auth@sink.test"],
+            xclient={"ADDR": "127.0.0.3", "NAME": "[UNAVAILABLE]", "LOGIN": "dave"},
+        )
         assert result.rcpt["auth@sink.test"].code == 250
         pf.sink.wait_delivered("auth@sink.test", timeout=20)
     finally:
@@ -89,28 +102,42 @@ def test_authenticated_client_is_not_greylisted(tmp_path: Path, postfix: Any, re
 
 def test_allow_listed_network_is_not_greylisted(tmp_path: Path, postfix: Any, redis_server: Any) -> None:
     """A client in [policyd.exempt] networks is accepted at once; one outside is not."""
-    daemon_cm, pf = start(tmp_path, postfix, redis_server.url,
-                          policyd='[policyd.exempt]\nnetworks = ["127.0.0.4/32"]')
+    daemon_cm, pf = start(
+        tmp_path, postfix, redis_server.url, policyd='[policyd.exempt]\nnetworks = ["127.0.0.4/32"]'
+    )
     try:
-        trusted = send_mail(pf.smtpd_port, client_ip="127.0.0.4", mail_from="erin@sender.example",
-                            rcpt_to=["trusted@sink.test"])
+        trusted = send_mail(
+            pf.smtpd_port,
+            client_ip="127.0.0.4",
+            mail_from="erin@sender.example",
+            rcpt_to=["trusted@sink.test"],
+        )
         assert trusted.rcpt["trusted@sink.test"].code == 250
-        other = send_mail(pf.smtpd_port, client_ip="127.0.0.5", mail_from="erin@sender.example",
-                          rcpt_to=["trusted@sink.test"])
+        other = send_mail(
+            pf.smtpd_port,
+            client_ip="127.0.0.5",
+            mail_from="erin@sender.example",
+            rcpt_to=["trusted@sink.test"],
+        )
         assert other.rcpt["trusted@sink.test"].code == 450
         pf.sink.wait_delivered("trusted@sink.test", timeout=20)
     finally:
         daemon_cm.__exit__(None, None, None)
 
 
-def test_with_redis_stopped_postfix_still_gets_an_answer_in_time(tmp_path: Path, postfix: Any,
-                                                                  redis_factory: Any) -> None:
+def test_with_redis_stopped_postfix_still_gets_an_answer_in_time(
+    tmp_path: Path, postfix: Any, redis_factory: Any
+) -> None:
     """Redis going away never leaves Postfix waiting: greylisting fails open within the deadline."""
     server = redis_factory()
     daemon_cm, pf = start(tmp_path, postfix, server.url)
     try:
-        assert send_mail(pf.smtpd_port, mail_from="f@sender.example",
-                         rcpt_to=["before@sink.test"]).rcpt["before@sink.test"].code == 450
+        assert (
+            send_mail(pf.smtpd_port, mail_from="f@sender.example", rcpt_to=["before@sink.test"])
+            .rcpt["before@sink.test"]
+            .code
+            == 450
+        )
         server.stop()
         started = time.monotonic()
         during = send_mail(pf.smtpd_port, mail_from="f@sender.example", rcpt_to=["during@sink.test"])

@@ -39,8 +39,9 @@ def test_every_package_has_py_typed() -> None:
         assert (ROOT / folder / "py.typed").is_file()
 
 
-@pytest.mark.parametrize("path", sorted(p for f in ROOTS for p in (ROOT / f).rglob("*.py")),
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", sorted(p for f in ROOTS for p in (ROOT / f).rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_every_source_file_is_visible_to_the_install(path: Path) -> None:
     """Each module is importable as mxward.* (a new module needs `pip install -e .` again)."""
     folder = path.relative_to(ROOT).parts[0]

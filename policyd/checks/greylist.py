@@ -92,10 +92,10 @@ import string
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mxward.shared.units import Duration, format_duration
 from mxward.shared.matchers import AddressList, DomainList, split_address
 from mxward.shared.netutil import NetworkList, mask_address, network_text
 from mxward.shared.plugin import Action, Check, Result, Services, Stage, Transaction, Verdict
+from mxward.shared.units import Duration, format_duration
 
 __all__ = ["GreylistCheck", "Options", "normalise_sender"]
 
@@ -299,9 +299,7 @@ class GreylistCheck(Check[Options]):
         first_pass = int(reply[2]) == 0
         if first_pass and opts.add_header:
             date = email.utils.formatdate(now, localtime=True)
-            header = (
-                f"X-Greylist: delayed {value} seconds by mxward at {self.services.hostname}; {date}"
-            )
+            header = f"X-Greylist: delayed {value} seconds by mxward at {self.services.hostname}; {date}"
         return self.result(
             Verdict.PASS,
             facts={"greylist.status": "pass", "greylist.delayed": value if first_pass else 0},
@@ -405,9 +403,7 @@ class GreylistAdmin:
         s, r = self._norm(sender), recipient.lower()
         key, _ = self.check.triplet_keys(net, s, r)
         first = now - int(self.options.delay)
-        await self.ns.hset(
-            key, {"first": first, "last": now, "passes": 1, "seen": 1, "s": s, "r": r}, ttl
-        )
+        await self.ns.hset(key, {"first": first, "last": now, "passes": 1, "seen": 1, "s": s, "r": r}, ttl)
         return f"triplet {net} <{s}> -> <{r}> allowed"
 
     async def remove(self, client: str, sender: str | None, recipient: str | None) -> str:

@@ -36,8 +36,9 @@ def test_many_requests_on_one_connection_are_answered_in_order(tmp_path: Path, r
 def test_unix_socket_listener_answers(tmp_path: Path, redis_server: Any) -> None:
     """Postfix can reach the daemon over a unix socket with the configured mode."""
     sock = tmp_path / "run" / "policyd.sock"
-    config, log, address = write_config(tmp_path, redis_server.url, listen=[f"unix:{sock}"],
-                                        policyd='socket_mode = "0666"')
+    config, log, address = write_config(
+        tmp_path, redis_server.url, listen=[f"unix:{sock}"], policyd='socket_mode = "0666"'
+    )
     with running(config, log, address), PolicyClient(address) as client:
         assert client.ask(request(recipient="unix@example.com")).startswith("DEFER_IF_PERMIT 4.7.1")
         assert oct(sock.stat().st_mode & 0o777) == "0o666"
@@ -62,16 +63,19 @@ def test_a_bad_request_closes_that_connection_only(tmp_path: Path, redis_server:
 
 def test_clients_outside_allowed_networks_are_refused(tmp_path: Path, redis_server: Any) -> None:
     """Only configured client networks may talk to the daemon (default: loopback)."""
-    config, log, address = write_config(tmp_path, redis_server.url, policyd='allowed_clients = ["127.0.0.1/32"]')
+    config, log, address = write_config(
+        tmp_path, redis_server.url, policyd='allowed_clients = ["127.0.0.1/32"]'
+    )
     with running(config, log, address) as daemon:
-        with PolicyClient(address, source="127.0.0.2") as stranger:
-            with pytest.raises(OSError):
-                stranger.ask(request())
-                raise ConnectionResetError
+        with PolicyClient(address, source="127.0.0.2") as stranger, pytest.raises(OSError):
+            stranger.ask(request())
+            raise ConnectionResetError
         daemon.wait_log("refused connection from [127.0.0.2]")
 
 
-def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(tmp_path: Path, redis_server: Any) -> None:
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
+    tmp_path: Path, redis_server: Any
+) -> None:
     """A bad file on reload is logged and ignored; a good one takes effect without a restart."""
     config, log, address = write_config(tmp_path, redis_server.url)
     original = config.read_text()
@@ -81,7 +85,11 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(tmp_pat
         daemon.wait_log("configuration not reloaded")
         with PolicyClient(address) as client:
             assert "Greylisted, please try" in (client.ask(request(recipient="r1@example.com")) or "")
-        config.write_text(original.replace("[checks.greylist]\n", '[checks.greylist]\nreply_text = "Come back in {seconds}s"\n'))
+        config.write_text(
+            original.replace(
+                "[checks.greylist]\n", '[checks.greylist]\nreply_text = "Come back in {seconds}s"\n'
+            )
+        )
         daemon.signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         answer = ""
@@ -97,13 +105,17 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(tmp_pat
 def test_sigterm_lets_requests_in_progress_finish(tmp_path: Path, redis_server: Any) -> None:
     """On SIGTERM a request being decided still gets its answer before the worker exits."""
     config, log, address = write_config(
-        tmp_path, redis_server.url, policyd='checks = ["greylist", "sample"]',
-        extra='[checks.sample]\nsleep = "1.5s"\ntimeout = "5s"\n')
+        tmp_path,
+        redis_server.url,
+        policyd='checks = ["greylist", "sample"]',
+        extra='[checks.sample]\nsleep = "1.5s"\ntimeout = "5s"\n',
+    )
     with running(config, log, address) as daemon:
         answers: list[str | None] = []
         with PolicyClient(address) as client:
             thread = threading.Thread(
-                target=lambda: answers.append(client.ask(request(recipient="postmaster@x.example"))))
+                target=lambda: answers.append(client.ask(request(recipient="postmaster@x.example")))
+            )
             started = time.monotonic()
             thread.start()
             time.sleep(0.5)  # the sample check sleeps 1.5 s: the request is in progress now
@@ -129,7 +141,9 @@ def test_redis_down_still_answers_within_the_deadline(tmp_path: Path) -> None:
 
 def test_redis_down_with_on_error_tempfail_defers(tmp_path: Path) -> None:
     """A site that prefers to fail closed gets 451 4.3.0 while Redis is away."""
-    config, log, address = write_config(tmp_path, f"unix://{tmp_path}/no-redis.sock", greylist='on_error = "tempfail"')
+    config, log, address = write_config(
+        tmp_path, f"unix://{tmp_path}/no-redis.sock", greylist='on_error = "tempfail"'
+    )
     with running(config, log, address), PolicyClient(address) as client:
         answer = client.ask(request(recipient="r@example.com"))
         assert answer == "451 4.3.0 Temporary local problem, please try again later"
@@ -146,7 +160,9 @@ def test_embedded_state_server_starts_persists_and_stops(tmp_path: Path) -> None
         # the triplet survived the restart: it is a retry now ("early"), not a new triplet
         answer = client.ask(request(recipient="emb@example.com")) or ""
         assert answer.startswith("DEFER_IF_PERMIT")
-        daemon.wait_log("rcpt=<emb@example.com> state=RCPT action=DEFER_IF_PERMIT score=0 checks=\"greylist:fail(forced,")
+        daemon.wait_log(
+            'rcpt=<emb@example.com> state=RCPT action=DEFER_IF_PERMIT score=0 checks="greylist:fail(forced,'
+        )
         assert "[status=early" in daemon.log_text().rsplit("rcpt=<emb@example.com>", 1)[1]
 
 
@@ -167,12 +183,17 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path, redis_server: Any) -> None
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config, log, _ = write_config(tmp_path, redis_server.url, listen=[f"127.0.0.1:{port}"])
+        config, _, _ = write_config(tmp_path, redis_server.url, listen=[f"127.0.0.1:{port}"])
         import subprocess
 
         from support.policy_client import MXWARD
 
-        out = subprocess.run([MXWARD, "--config", str(config), "policyd"], capture_output=True, text=True,
-                             timeout=30, check=False)
+        out = subprocess.run(
+            [MXWARD, "--config", str(config), "policyd"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert out.returncode == 1
         assert f"cannot listen on 127.0.0.1:{port}" in out.stderr

@@ -50,9 +50,7 @@ def test_crlf_line_ends_are_accepted_even_split_between_cr_and_lf() -> None:
 
 def test_empty_values_and_equals_signs_in_values_are_kept() -> None:
     """``sender=`` is the null sender, and a value may itself contain '='."""
-    [attrs] = RequestParser().feed(
-        b"request=smtpd_access_policy\nsender=\nccert_subject=CN=x=y\n\n"
-    )
+    [attrs] = RequestParser().feed(b"request=smtpd_access_policy\nsender=\nccert_subject=CN=x=y\n\n")
     assert attrs["sender"] == ""
     assert attrs["ccert_subject"] == "CN=x=y"
 
@@ -60,8 +58,9 @@ def test_empty_values_and_equals_signs_in_values_are_kept() -> None:
 def test_utf8_values_are_decoded_and_invalid_bytes_survive() -> None:
     """SMTPUTF8 addresses decode; bytes that are not UTF-8 do not crash the parser."""
     [attrs] = RequestParser().feed(
-        "request=smtpd_access_policy\nsender=zoë@exämple.net\nhelo_name=\xff\n\n".encode("utf-8")
-        .replace(b"\xc3\xbf", b"\xff")
+        "request=smtpd_access_policy\nsender=zoë@exämple.net\nhelo_name=\xff\n\n".encode().replace(
+            b"\xc3\xbf", b"\xff"
+        )
     )
     assert attrs["sender"] == "zoë@exämple.net"
     assert attrs["helo_name"] == "\udcff"
@@ -112,13 +111,18 @@ def test_oversized_request_is_refused_without_terminator() -> None:
     [
         (DUNNO, "", "DUNNO"),
         (DUNNO, "X-Greylist: delayed 300 seconds", "PREPEND X-Greylist: delayed 300 seconds"),
-        (Action.defer_if_permit("Greylisted, try in 300 seconds"), "",
-         "DEFER_IF_PERMIT 4.7.1 Greylisted, try in 300 seconds"),
+        (
+            Action.defer_if_permit("Greylisted, try in 300 seconds"),
+            "",
+            "DEFER_IF_PERMIT 4.7.1 Greylisted, try in 300 seconds",
+        ),
         (Action.defer("Try later", 451, "4.3.0"), "", "451 4.3.0 Try later"),
         (Action.reject("Go away"), "x", "550 5.7.1 Go away"),
     ],
 )
-def test_action_text_always_has_code_enhanced_code_and_text(action: Action, header: str, expected: str) -> None:
+def test_action_text_always_has_code_enhanced_code_and_text(
+    action: Action, header: str, expected: str
+) -> None:
     """Each decision kind becomes the right action; a header is only prepended to DUNNO."""
     assert action_text(action, header) == expected
 

@@ -10,8 +10,9 @@ from typing import Any
 from support.policy_client import MXWARD, PLUGINS, encode, request
 
 
-def run(tmp_path: Path, redis_url: str, *args: str, stdin: str = "", extra: str = "",
-        checks: str = '["greylist"]') -> subprocess.CompletedProcess[str]:
+def run(
+    tmp_path: Path, redis_url: str, *args: str, stdin: str = "", extra: str = "", checks: str = '["greylist"]'
+) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "mxward.toml"
     if not config.exists():
         config.write_text(
@@ -20,8 +21,15 @@ def run(tmp_path: Path, redis_url: str, *args: str, stdin: str = "", extra: str 
             f"[policyd]\nchecks = {checks}\n{extra}"
         )
     env = dict(os.environ, PYTHONPATH=str(PLUGINS))
-    return subprocess.run([MXWARD, "--config", str(config), *args], input=stdin, capture_output=True,
-                          text=True, timeout=60, env=env, check=False)
+    return subprocess.run(
+        [MXWARD, "--config", str(config), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
 
 
 def test_version_prints_the_package_version() -> None:
@@ -32,8 +40,10 @@ def test_version_prints_the_package_version() -> None:
 
 def test_check_prints_the_full_decision_trace(tmp_path: Path, redis_server: Any) -> None:
     """`mxward check` decides requests from stdin and shows each check, its facts and the action."""
-    stdin = encode(request(recipient="trace@example.com")).decode() + encode(
-        request(recipient="postmaster@example.com")).decode()
+    stdin = (
+        encode(request(recipient="trace@example.com")).decode()
+        + encode(request(recipient="postmaster@example.com")).decode()
+    )
     out = run(tmp_path, redis_server.url, "check", stdin=stdin)
     assert out.returncode == 0, out.stderr
     assert "request 1: state=RCPT client=unknown[192.0.2.7]" in out.stdout
@@ -52,8 +62,14 @@ def test_check_refuses_input_that_is_not_name_value(tmp_path: Path, redis_server
 
 def test_a_third_party_check_registered_by_entry_point_runs(tmp_path: Path, redis_server: Any) -> None:
     """A package registering under mxward.checks is loaded when the config names it, and runs."""
-    out = run(tmp_path, redis_server.url, "check", stdin=encode(request(recipient="x@example.com")).decode(),
-              checks='["sample"]', extra='[checks.sample]\nverdict = "fail"\nscore = 12.5\n')
+    out = run(
+        tmp_path,
+        redis_server.url,
+        "check",
+        stdin=encode(request(recipient="x@example.com")).decode(),
+        checks='["sample"]',
+        extra='[checks.sample]\nverdict = "fail"\nscore = 12.5\n',
+    )
     assert out.returncode == 0, out.stderr
     assert "sample       fail  score=12.5" in out.stdout
     assert "action=550 5.7.1 sample reason" in out.stdout
@@ -70,12 +86,26 @@ def test_greylist_command_lists_allows_and_removes(tmp_path: Path, redis_server:
     """`mxward greylist` shows what policyd stored and can change it."""
     run(tmp_path, redis_server.url, "check", stdin=encode(request(recipient="g@example.com")).decode())
     listed = run(tmp_path, redis_server.url, "greylist", "list")
-    assert "triplet 192.0.2.0/24" in listed.stdout and "<alice@example.net> -> <g@example.com>" in listed.stdout
+    assert (
+        "triplet 192.0.2.0/24" in listed.stdout and "<alice@example.net> -> <g@example.com>" in listed.stdout
+    )
     assert "waiting (tried 1x)" in listed.stdout
-    allowed = run(tmp_path, redis_server.url, "greylist", "allow", "--client", "192.0.2.7",
-                  "--sender", "alice@example.net", "--recipient", "g@example.com")
+    allowed = run(
+        tmp_path,
+        redis_server.url,
+        "greylist",
+        "allow",
+        "--client",
+        "192.0.2.7",
+        "--sender",
+        "alice@example.net",
+        "--recipient",
+        "g@example.com",
+    )
     assert allowed.returncode == 0 and "allowed" in allowed.stdout
-    again = run(tmp_path, redis_server.url, "check", stdin=encode(request(recipient="g@example.com")).decode())
+    again = run(
+        tmp_path, redis_server.url, "check", stdin=encode(request(recipient="g@example.com")).decode()
+    )
     assert "action=DUNNO" in again.stdout
     removed = run(tmp_path, redis_server.url, "greylist", "remove", "--client", "192.0.2.99")
     # the triplet and the auto-allow counter its pass started
@@ -95,8 +125,12 @@ def test_state_keys_lists_the_key_layout(tmp_path: Path, redis_server: Any) -> N
 
 def test_postfix_config_prints_the_policy_service_line(tmp_path: Path, redis_server: Any) -> None:
     """`mxward postfix-config` gives main.cf lines with the check after the relay check."""
-    out = run(tmp_path, redis_server.url, "postfix-config",
-              extra='listen = ["127.0.0.1:10077"]\nrequest_deadline = "8s"\n')
+    out = run(
+        tmp_path,
+        redis_server.url,
+        "postfix-config",
+        extra='listen = ["127.0.0.1:10077"]\nrequest_deadline = "8s"\n',
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout
     assert lines.index("reject_unauth_destination") < lines.index("check_policy_service")

@@ -34,8 +34,19 @@ def load_text(tmp_path: Path, text: str) -> Config:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("250ms", 0.25), ("30s", 30), ("5m", 300), ("12h", 43200), ("35d", 3024000), ("1w", 604800),
-     ("1h30m", 5400), ("90", 90), (90, 90), (1.5, 1.5), ("2 d", 172800)],
+    [
+        ("250ms", 0.25),
+        ("30s", 30),
+        ("5m", 300),
+        ("12h", 43200),
+        ("35d", 3024000),
+        ("1w", 604800),
+        ("1h30m", 5400),
+        ("90", 90),
+        (90, 90),
+        (1.5, 1.5),
+        ("2 d", 172800),
+    ],
 )
 def test_durations_are_converted_to_seconds(text: object, seconds: float) -> None:
     """Every documented duration spelling gives seconds."""
@@ -49,8 +60,9 @@ def test_bad_durations_are_refused(text: object) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(300, "5m"), (3024000, "5w"), (86400, "1d"), (0.25, "250ms"),
-                                               (90, "90s")])
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(300, "5m"), (3024000, "5w"), (86400, "1d"), (0.25, "250ms"), (90, "90s")]
+)
 def test_durations_are_formatted_shortest_exact(seconds: float, text: str) -> None:
     """Logs and docs show durations the way they are written in the file."""
     assert format_duration(seconds) == text
@@ -86,22 +98,28 @@ def test_a_named_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
     [
         ("[policyd]\nlisen = []\n", r"\[policyd\] unknown key 'lisen' \(valid keys: .*listen"),
         ("[checks.greylist]\ndelay = 300\ndelays = 5\n", r"\[checks.greylist\] unknown key 'delays'"),
-        ("[checks.greylist]\ndelay = \"5 minutes\"\n", r"\[checks.greylist\] delay: .*not a duration"),
-        ("[policyd]\nworkers = \"two\"\n", r"\[policyd\] workers: 'two' is not valid: expected an integer"),
+        ('[checks.greylist]\ndelay = "5 minutes"\n', r"\[checks.greylist\] delay: .*not a duration"),
+        ('[policyd]\nworkers = "two"\n', r"\[policyd\] workers: 'two' is not valid: expected an integer"),
         ("[policyd]\nworkers = 1.5\n", r"expected an integer"),
-        ("[checks.greylist]\nadd_header = \"yes\"\n", r"add_header: 'yes' is not valid: expected true or false"),
-        ("[checks.greylist]\nmode = \"enforcing\"\n", r"mode: 'enforcing' is not valid: expected one of 'enforce', 'observe'"),
-        ("[policyd]\nreject_stage = \"queue\"\n", r"unknown stage 'queue'"),
-        ("[policyd]\nlisten = [\"localhost\"]\n", r"write host:port"),
-        ("[policyd]\nallowed_clients = [\"300.0.0.0/8\"]\n", r"not an IP network"),
+        (
+            '[checks.greylist]\nadd_header = "yes"\n',
+            r"add_header: 'yes' is not valid: expected true or false",
+        ),
+        (
+            '[checks.greylist]\nmode = "enforcing"\n',
+            r"mode: 'enforcing' is not valid: expected one of 'enforce', 'observe'",
+        ),
+        ('[policyd]\nreject_stage = "queue"\n', r"unknown stage 'queue'"),
+        ('[policyd]\nlisten = ["localhost"]\n', r"write host:port"),
+        ('[policyd]\nallowed_clients = ["300.0.0.0/8"]\n', r"not an IP network"),
         ("[policyd.scoring]\nreject_code = 450\n", r"reject_code must be 5xx"),
         ("[greylist]\ndelay = 5\n", r"unknown table or key 'greylist' at top level \(valid tables: .*checks"),
         ("[checks.karma]\n", r"\[checks.karma\] configures a check that no pipeline lists"),
-        ("[policyd]\nchecks = [\"nosuchcheck\"]\n", r"unknown check 'nosuchcheck'"),
-        ("[checks.greylist]\nreply_text = \"wait {minutes}\"\n", r"unknown placeholder"),
-        ("[checks.greylist]\ndelay = \"1d\"\nmax_age = \"2d\"\n", r"max_age must be at least"),
-        ("[policyd]\nrequest_deadline = \"2m\"\n", r"below Postfix's 100s"),
-        ("[mxward]\nlog_target = \"journal\"\n", r"log_target"),
+        ('[policyd]\nchecks = ["nosuchcheck"]\n', r"unknown check 'nosuchcheck'"),
+        ('[checks.greylist]\nreply_text = "wait {minutes}"\n', r"unknown placeholder"),
+        ('[checks.greylist]\ndelay = "1d"\nmax_age = "2d"\n', r"max_age must be at least"),
+        ('[policyd]\nrequest_deadline = "2m"\n', r"below Postfix's 100s"),
+        ('[mxward]\nlog_target = "journal"\n', r"log_target"),
         ("[policyd\n", r"TOML syntax error"),
     ],
 )
@@ -114,7 +132,9 @@ def test_errors_name_file_table_key_and_what_is_valid(tmp_path: Path, text: str,
 
 def test_a_single_string_is_accepted_where_a_list_is_expected(tmp_path: Path) -> None:
     """listen = "host:port" means a list of one, as an administrator would expect."""
-    assert load_text(tmp_path, '[policyd]\nlisten = "127.0.0.1:10041"\n').policyd.listen == ("127.0.0.1:10041",)
+    assert load_text(tmp_path, '[policyd]\nlisten = "127.0.0.1:10041"\n').policyd.listen == (
+        "127.0.0.1:10041",
+    )
 
 
 def test_common_check_keys_and_options_are_split(tmp_path: Path) -> None:
@@ -144,7 +164,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _defaults(config: Config) -> dict[str, Any]:
     tables: dict[str, Any] = {
-        "mxward": config.general, "state": config.state, "dns": config.dns, "policyd": config.policyd,
+        "mxward": config.general,
+        "state": config.state,
+        "dns": config.dns,
+        "policyd": config.policyd,
     }
     out: dict[str, Any] = {}
 
@@ -155,6 +178,7 @@ def _defaults(config: Config) -> dict[str, Any]:
                 walk(f"{prefix}{name}.", value)
             else:
                 out[f"{prefix}{name}"] = default
+
     for table, obj in tables.items():
         walk(f"{table}.", obj)
     for name, check in config.checks.items():

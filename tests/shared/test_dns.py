@@ -10,6 +10,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from support.dns_fixtures import TEST_ZONE
+from support.dnsserver import DnsServer, ThreadedDnsServer
+
 from mxward.shared.clock import FrozenClock
 from mxward.shared.dns import (
     DnsError,
@@ -18,8 +21,6 @@ from mxward.shared.dns import (
     Resolver,
     parse_nameserver,
 )
-from support.dns_fixtures import TEST_ZONE
-from support.dnsserver import DnsServer, ThreadedDnsServer
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -36,8 +36,9 @@ class Behaviour:
     stages: frozenset[Stage] = frozenset({Stage.RCPT})
 
 
-def make_check(name: str, behaviour: Behaviour, *, needs: tuple[str, ...] = (),
-               provides: tuple[str, ...] = ()) -> Check[Any]:
+def make_check(
+    name: str, behaviour: Behaviour, *, needs: tuple[str, ...] = (), provides: tuple[str, ...] = ()
+) -> Check[Any]:
     class Scripted(Check[Behaviour]):
         stages: ClassVar[frozenset[Stage]] = behaviour.stages
         calls: ClassVar[list[dict[str, Any]]] = []
@@ -49,8 +50,9 @@ def make_check(name: str, behaviour: Behaviour, *, needs: tuple[str, ...] = (),
                 await asyncio.sleep(b.sleep)
             if b.raises is not None:
                 raise b.raises("boom")
-            return self.result(b.verdict, b.score, b.reason, action=b.action,
-                               facts={f: name for f in provides})
+            return self.result(
+                b.verdict, b.score, b.reason, action=b.action, facts=dict.fromkeys(provides, name)
+            )
 
     Scripted.name = name
     Scripted.needs = needs
@@ -63,9 +65,13 @@ def pipeline(*checks: ActiveCheck, **settings: Any) -> Pipeline:
 
 
 def tx(**kw: Any) -> Transaction:
-    values: dict[str, Any] = {"stage": Stage.RCPT, "client_address": "192.0.2.7",
-                              "client_ip": ipaddress.ip_address("192.0.2.7"),
-                              "sender": "a@example.net", "recipient": "b@example.com"}
+    values: dict[str, Any] = {
+        "stage": Stage.RCPT,
+        "client_address": "192.0.2.7",
+        "client_ip": ipaddress.ip_address("192.0.2.7"),
+        "sender": "a@example.net",
+        "recipient": "b@example.com",
+    }
     values.update(kw)
     return Transaction(**values)
 
@@ -121,8 +127,9 @@ async def test_state_unavailable_is_an_error_without_blame() -> None:
 
 async def test_on_error_tempfail_defers_with_451() -> None:
     """A check configured to fail closed turns its ERROR into 451 4.3.0."""
-    p = pipeline(ActiveCheck(make_check("bad", Behaviour(raises=RuntimeError)), timeout=1,
-                             on_error="tempfail"))
+    p = pipeline(
+        ActiveCheck(make_check("bad", Behaviour(raises=RuntimeError)), timeout=1, on_error="tempfail")
+    )
     d = await decide(p)
     assert (d.action.kind, d.action.code, d.action.dsn) == (ActionKind.DEFER, 451, "4.3.0")
 
@@ -140,8 +147,9 @@ async def test_cancellation_propagates() -> None:
 async def test_forced_action_wins_and_its_reason_is_the_reply() -> None:
     """A check's forced action decides even when the score is low."""
     grey = Action.defer_if_permit("Greylisted")
-    p = pipeline(ActiveCheck(make_check("grey", Behaviour(Verdict.FAIL, action=grey, reason="Greylisted")),
-                             timeout=1))
+    p = pipeline(
+        ActiveCheck(make_check("grey", Behaviour(Verdict.FAIL, action=grey, reason="Greylisted")), timeout=1)
+    )
     d = await decide(p)
     assert d.action is grey and d.reasons == ("Greylisted",)
 
@@ -181,16 +189,24 @@ async def test_score_rejection_waits_for_the_reject_stage() -> None:
 
 async def test_defer_threshold_gives_a_temporary_failure() -> None:
     """A score between the defer and reject thresholds defers with 450 4.7.1."""
-    p = pipeline(ActiveCheck(make_check("a", Behaviour(Verdict.FAIL, 7, "suspicious")), timeout=1),
-                 reject_score=10, defer_score=5)
+    p = pipeline(
+        ActiveCheck(make_check("a", Behaviour(Verdict.FAIL, 7, "suspicious")), timeout=1),
+        reject_score=10,
+        defer_score=5,
+    )
     d = await decide(p)
     assert (d.action.kind, d.action.code, d.action.text) == (ActionKind.DEFER, 450, "suspicious")
 
 
 async def test_observe_mode_logs_but_changes_nothing() -> None:
     """A check in observe mode runs and is reported, but neither its action nor score count."""
-    p = pipeline(ActiveCheck(make_check("a", Behaviour(Verdict.FAIL, 50, "x", action=Action.reject("x"))),
-                             timeout=1, observe=True))
+    p = pipeline(
+        ActiveCheck(
+            make_check("a", Behaviour(Verdict.FAIL, 50, "x", action=Action.reject("x"))),
+            timeout=1,
+            observe=True,
+        )
+    )
     d = await decide(p)
     assert d.action.kind is ActionKind.DUNNO and d.score == 0
     assert d.results[0].observed
@@ -215,8 +231,10 @@ def test_a_need_nobody_provides_fails_at_start_up() -> None:
 
 async def test_independent_checks_run_concurrently() -> None:
     """Two slow checks without needs take the time of one, not of both."""
-    p = pipeline(ActiveCheck(make_check("a", Behaviour(sleep=0.2)), timeout=1),
-                 ActiveCheck(make_check("b", Behaviour(sleep=0.2)), timeout=1))
+    p = pipeline(
+        ActiveCheck(make_check("a", Behaviour(sleep=0.2)), timeout=1),
+        ActiveCheck(make_check("b", Behaviour(sleep=0.2)), timeout=1),
+    )
     loop = asyncio.get_running_loop()
     started = loop.time()
     await decide(p)

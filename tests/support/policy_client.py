@@ -71,7 +71,7 @@ class PolicyClient:
         reply, self.buf = self.buf.split(b"\n\n", 1)
         text = reply.decode()
         assert text.startswith("action="), text
-        return text[len("action="):]
+        return text[len("action=") :]
 
     def ask(self, attrs: Mapping[str, str]) -> str | None:
         self.send(encode(attrs))
@@ -80,7 +80,7 @@ class PolicyClient:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> PolicyClient:
+    def __enter__(self) -> PolicyClient:  # noqa: PYI034 - final class
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -93,9 +93,11 @@ class Daemon:
     def __init__(self, config: Path, log: Path, address: str, command: str = "policyd") -> None:
         self.config, self.log, self.address = config, log, address
         env = dict(os.environ, PYTHONPATH=str(PLUGINS))
-        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
+        self.proc = subprocess.Popen(
             [MXWARD, "--config", str(config), command],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 20.0) -> None:
@@ -104,10 +106,9 @@ class Daemon:
             if self.proc.poll() is not None:
                 out = self.proc.stdout.read().decode() if self.proc.stdout else ""
                 raise RuntimeError(f"mxward exited with {self.proc.returncode}: {out}\n{self.log_text()}")
-            with contextlib.suppress(OSError):
-                with PolicyClient(self.address, timeout=2) as c:
-                    if c.ask(request(recipient="postmaster@example.com")) is not None:
-                        return
+            with contextlib.suppress(OSError), PolicyClient(self.address, timeout=2) as c:
+                if c.ask(request(recipient="postmaster@example.com")) is not None:
+                    return
             time.sleep(0.05)
         raise TimeoutError(f"mxward not ready on {self.address}\n{self.log_text()}")
 
@@ -153,8 +154,15 @@ def running(config: Path, log: Path, address: str, command: str = "policyd") -> 
         daemon.stop()
 
 
-def write_config(tmp_path: Path, state_url: str, *, listen: list[str] | None = None, extra: str = "",
-                 policyd: str = "", greylist: str = "") -> tuple[Path, Path, str]:
+def write_config(
+    tmp_path: Path,
+    state_url: str,
+    *,
+    listen: list[str] | None = None,
+    extra: str = "",
+    policyd: str = "",
+    greylist: str = "",
+) -> tuple[Path, Path, str]:
     from support.postfix import find_free_port
 
     port = find_free_port()

@@ -36,5 +36,10 @@ class SampleCheck(Check[Options]):
         if self.options.sleep:
             await asyncio.sleep(self.options.sleep)
         action = Action.reject("sample check says no") if self.options.reject else None
-        return self.result(Verdict(self.options.verdict), self.options.score, "sample reason",
-                           action=action, rcpt=tx.recipient)
+        return self.result(
+            Verdict(self.options.verdict),
+            self.options.score,
+            "sample reason",
+            action=action,
+            rcpt=tx.recipient,
+        )

@@ -29,14 +29,25 @@ def clock() -> FrozenClock:
 
 
 def services(store: StateStore, clock: FrozenClock) -> Services:
-    return Services(dns=Resolver(DnsSettings(nameservers=("127.0.0.1:9",))), state=store, clock=clock,
-                    hostname="mx.test.example")
+    return Services(
+        dns=Resolver(DnsSettings(nameservers=("127.0.0.1:9",))),
+        state=store,
+        clock=clock,
+        hostname="mx.test.example",
+    )
 
 
-def tx(client: str = "192.0.2.7", sender: str = "alice@example.net", rcpt: str = "bob@example.com",
-       **kw: Any) -> Transaction:
-    return Transaction(stage=Stage.RCPT, client_address=client, client_ip=ipaddress.ip_address(client),
-                       sender=sender, recipient=rcpt, **kw)
+def tx(
+    client: str = "192.0.2.7", sender: str = "alice@example.net", rcpt: str = "bob@example.com", **kw: Any
+) -> Transaction:
+    return Transaction(
+        stage=Stage.RCPT,
+        client_address=client,
+        client_ip=ipaddress.ip_address(client),
+        sender=sender,
+        recipient=rcpt,
+        **kw,
+    )
 
 
 async def check(c: GreylistCheck, t: Transaction) -> Result:
@@ -57,7 +68,9 @@ async def test_a_new_triplet_is_deferred_with_450_and_the_wait(store: StateStore
     assert r.action.text == "Greylisted, please try again in 300 seconds"
 
 
-async def test_a_retry_before_the_delay_is_deferred_with_the_time_left(store: StateStore, clock: FrozenClock) -> None:
+async def test_a_retry_before_the_delay_is_deferred_with_the_time_left(
+    store: StateStore, clock: FrozenClock
+) -> None:
     """A retry after 100 of 300 seconds is told to wait 200 more."""
     c = GreylistCheck(Options(), services(store, clock))
     await check(c, tx())
@@ -67,7 +80,9 @@ async def test_a_retry_before_the_delay_is_deferred_with_the_time_left(store: St
     assert "200 seconds" in r.action.text
 
 
-async def test_a_retry_after_the_delay_passes_with_an_x_greylist_header(store: StateStore, clock: FrozenClock) -> None:
+async def test_a_retry_after_the_delay_passes_with_an_x_greylist_header(
+    store: StateStore, clock: FrozenClock
+) -> None:
     """After the delay the triplet passes, and the first pass carries X-Greylist."""
     c = GreylistCheck(Options(), services(store, clock))
     await check(c, tx())
@@ -88,7 +103,9 @@ async def test_a_retry_after_the_window_starts_over(store: StateStore, clock: Fr
     assert status(await check(c, tx())) == "new"
 
 
-async def test_a_passed_triplet_is_remembered_for_max_age_since_last_seen(store: StateStore, clock: FrozenClock) -> None:
+async def test_a_passed_triplet_is_remembered_for_max_age_since_last_seen(
+    store: StateStore, clock: FrozenClock
+) -> None:
     """Known triplets pass for 35 days after their last mail, and are new after that."""
     c = GreylistCheck(Options(), services(store, clock))
     await check(c, tx())
@@ -96,32 +113,50 @@ async def test_a_passed_triplet_is_remembered_for_max_age_since_last_seen(store:
     assert status(await check(c, tx())) == "pass"
     clock.advance(30 * 86400)
     assert status(await check(c, tx())) == "pass"
-    ttl = await store.namespace("greylist").ttl(c.triplet_keys("192.0.2.0/24", "alice@example.net",
-                                                              "bob@example.com")[0])
+    ttl = await store.namespace("greylist").ttl(
+        c.triplet_keys("192.0.2.0/24", "alice@example.net", "bob@example.com")[0]
+    )
     assert 35 * 86400 - 5 <= ttl <= 35 * 86400
 
 
 @pytest.mark.parametrize(
     ("first", "retry", "same"),
     [
-        ("192.0.2.7", "192.0.2.200", True),       # same /24
-        ("192.0.2.7", "192.0.3.7", False),        # other /24
-        ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", True),   # same /64
-        ("2001:db8:1:2::1", "2001:db8:1:3::1", False),       # other /64
+        ("192.0.2.7", "192.0.2.200", True),  # same /24
+        ("192.0.2.7", "192.0.3.7", False),  # other /24
+        ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", True),  # same /64
+        ("2001:db8:1:2::1", "2001:db8:1:3::1", False),  # other /64
         ("::ffff:192.0.2.7", "192.0.2.8", True),  # IPv4-mapped IPv6 is IPv4
     ],
 )
-async def test_the_client_network_groups_a_senders_pool(store: StateStore, clock: FrozenClock, first: str,
-                                                         retry: str, same: bool) -> None:
+async def test_the_client_network_groups_a_senders_pool(
+    store: StateStore, clock: FrozenClock, first: str, retry: str, same: bool
+) -> None:
     """A retry from another address of the same /24 (IPv4) or /64 (IPv6) counts as a retry."""
     from mxward.shared.netutil import parse_ip
 
     c = GreylistCheck(Options(), services(store, clock))
-    await c.check(Stage.RCPT, Transaction(stage=Stage.RCPT, client_address=first, client_ip=parse_ip(first),
-                                          sender="a@example.net", recipient="b@example.com"))
+    await c.check(
+        Stage.RCPT,
+        Transaction(
+            stage=Stage.RCPT,
+            client_address=first,
+            client_ip=parse_ip(first),
+            sender="a@example.net",
+            recipient="b@example.com",
+        ),
+    )
     clock.advance(301)
-    r = await c.check(Stage.RCPT, Transaction(stage=Stage.RCPT, client_address=retry, client_ip=parse_ip(retry),
-                                              sender="a@example.net", recipient="b@example.com"))
+    r = await c.check(
+        Stage.RCPT,
+        Transaction(
+            stage=Stage.RCPT,
+            client_address=retry,
+            client_ip=parse_ip(retry),
+            sender="a@example.net",
+            recipient="b@example.com",
+        ),
+    )
     assert (status(r) == "pass") is same
 
 
@@ -143,7 +178,9 @@ def test_senders_are_normalised_like_postgrey(sender: str, normalised: str) -> N
 
 def test_sender_normalisation_can_be_turned_off() -> None:
     """With strip_batv and strip_verp off, only case and the extension are normalised."""
-    assert normalise_sender("prvs=1=a+b7@x.example", strip_batv=False, strip_verp=False) == "prvs=1=a@x.example"
+    assert (
+        normalise_sender("prvs=1=a+b7@x.example", strip_batv=False, strip_verp=False) == "prvs=1=a@x.example"
+    )
 
 
 async def test_verp_senders_share_one_triplet(store: StateStore, clock: FrozenClock) -> None:
@@ -154,7 +191,9 @@ async def test_verp_senders_share_one_triplet(store: StateStore, clock: FrozenCl
     assert status(await check(c, tx(sender="bounce-222@lists.example.net"))) == "pass"
 
 
-async def test_client_is_auto_allowed_after_five_passes_counted_hourly(store: StateStore, clock: FrozenClock) -> None:
+async def test_client_is_auto_allowed_after_five_passes_counted_hourly(
+    store: StateStore, clock: FrozenClock
+) -> None:
     """Five passes in five different hours allow the client network for every triplet."""
     c = GreylistCheck(Options(), services(store, clock))
     for n in range(5):
@@ -202,8 +241,9 @@ async def test_a_repeated_request_changes_nothing(store: StateStore, clock: Froz
         ({"allow_sender_domains": ("example.net",)}, tx(sender="x@lists.example.net"), "sender_domain"),
     ],
 )
-async def test_allow_lists_skip_greylisting(store: StateStore, clock: FrozenClock, options: dict[str, Any],
-                                            t: Transaction, why: str) -> None:
+async def test_allow_lists_skip_greylisting(
+    store: StateStore, clock: FrozenClock, options: dict[str, Any], t: Transaction, why: str
+) -> None:
     """Allow-listed networks, host names, recipients and sender domains are never deferred."""
     c = GreylistCheck(Options(**options), services(store, clock))
     r = await check(c, t)
@@ -219,8 +259,9 @@ async def test_allow_lists_skip_greylisting(store: StateStore, clock: FrozenCloc
         ({"allow_networks": ("192.0.2.0/29",)}, tx(client="192.0.2.9")),
     ],
 )
-async def test_near_misses_of_allow_lists_are_greylisted(store: StateStore, clock: FrozenClock,
-                                                         options: dict[str, Any], t: Transaction) -> None:
+async def test_near_misses_of_allow_lists_are_greylisted(
+    store: StateStore, clock: FrozenClock, options: dict[str, Any], t: Transaction
+) -> None:
     """Entries match exactly what they say and nothing that merely looks alike."""
     c = GreylistCheck(Options(**options), services(store, clock))
     assert status(await check(c, t)) == "new"
@@ -247,7 +288,11 @@ async def test_admin_lists_allows_and_removes(store: StateStore, clock: FrozenCl
     await check(c, tx())
     [entry] = [e async for e in admin.entries()]
     assert (entry.network, entry.sender, entry.recipient, entry.passes) == (
-        "192.0.2.0/24", "alice@example.net", "bob@example.com", 0)
+        "192.0.2.0/24",
+        "alice@example.net",
+        "bob@example.com",
+        0,
+    )
     await admin.allow("192.0.2.50", "carol@example.net", "bob@example.com")
     assert status(await check(c, tx(sender="carol@example.net"))) == "pass"
     await admin.allow("198.51.100.1", None, None)
