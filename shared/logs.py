@@ -114,7 +114,15 @@ class LineHandler(logging.Handler):
         self._scheduled = False
         self._second = -1
         self._stamp = ""
+        self._ident = ""
         self._checked = 0.0
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        # A worker must not repeat its parent's buffered lines, nor its pid.
+        self._buf = []
+        self._scheduled = False
+        self._second = -1
 
     def _identity(self) -> tuple[int, int]:
         if not self.path:
@@ -125,10 +133,11 @@ class LineHandler(logging.Handler):
     def _prefix(self, level: str) -> str:
         now = time.time()
         second = int(now)
-        if second != self._second:
+        if second != self._second:  # once a second: the time stamp, and the pid (forks change it)
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp},{int((now - second) * 1000):03d} {self.ident}[{os.getpid()}]: {level} "
+            self._ident = f"{self.ident}[{os.getpid()}]:"
+        return f"{self._stamp},{int((now - second) * 1000):03d} {self._ident} {level} "
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -194,7 +194,10 @@ class Pipeline:
             result = dataclasses.replace(
                 result, action=Action.defer(self.settings.tempfail_text, 451, "4.3.0")
             )
-        return dataclasses.replace(result, elapsed_ms=elapsed)
+        # Stamped in place: a check returns a new Result per call (Check.result() makes one),
+        # and replace() would cost more than the rest of this function on the hot path.
+        object.__setattr__(result, "elapsed_ms", elapsed)
+        return result
 
     # ----------------------------------------------------------------------------------------
     # deciding
