@@ -70,6 +70,8 @@ class PolicyConnection(asyncio.Protocol):
         self.peer = "?"
         self.queue: collections.deque[dict[str, str]] = collections.deque()
         self.task: asyncio.Task[None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.working = False
         self.last_activity = time.monotonic()
         self.partial_since = 0.0
         self.closing = False
@@ -125,38 +127,52 @@ class PolicyConnection(asyncio.Protocol):
         self.partial_since = self.last_activity if self.parser.pending else 0.0
         if requests:
             self.queue.extend(requests)
-            if self.task is None or self.task.done():
+            if self.task is None:
                 self.task = asyncio.get_running_loop().create_task(self._serve())
+            elif self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(None)
 
     # request loop --------------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        service = self.server.service
+        """One task per connection: answers queued requests in order, then waits for more."""
+        loop = asyncio.get_running_loop()
         transport = self.transport
         assert transport is not None
-        while self.queue and not self.closing:
+        while not self.closing:
+            if not self.queue:
+                if self.server.stopping or self.eof:
+                    self.close()
+                    return
+                self.waiter = loop.create_future()
+                await self.waiter
+                self.waiter = None
+                continue
             attrs = self.queue.popleft()
             self.requests += 1
+            self.working = True
             try:
-                text = await service.handle(attrs)
+                text = await self.server.service.handle(attrs)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("request from %s failed; answering with the tempfail action", self.peer)
                 text = self.server.limits.tempfail
+            finally:
+                self.working = False
             if self.closing:
                 return
             transport.write(format_reply(text))
             self.last_activity = time.monotonic()
-        if (self.server.stopping or self.eof) and not self.queue:
-            self.close()
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue) or (self.task is not None and not self.task.done())
+        return bool(self.queue) or self.working
 
     def close(self) -> None:
         self.closing = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
         if self.transport is not None:
             self.transport.close()
 
