@@ -110,7 +110,7 @@ class RequestParser:
             raise ProtocolError(f"line {number} longer than {limits.max_line_length} bytes")
         try:
             # The fast path (this runs for every request): C-level splitting into a dict.
-            attrs: dict[str, str] = dict(line.split("=", 1) for line in lines)  # type: ignore[misc]
+            attrs: dict[str, str] = dict(line.split("=", 1) for line in lines)
         except ValueError:
             attrs = {}
         if len(attrs) != len(lines) or "" in attrs:
