@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def write_config(
     listen_toml = ", ".join(f'"{x}"' for x in listen)
     config.write_text(
         f'[mxward]\ndata_dir = "{tmp_path}/data"\nlog_target = "file:{log}"\n'
-        f'[state]\nurl = "{state_url}"\n'
+        f'[state]\nurl = "{state_url}"\nkey_prefix = "t{uuid.uuid4().hex[:10]}"\n'
         f"[policyd]\nlisten = [{listen_toml}]\nworkers = 2\n{policyd}\n"
         f"[checks.greylist]\n{greylist}\n{extra}"
     )
