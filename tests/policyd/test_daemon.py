@@ -80,15 +80,16 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
     config, log, address = write_config(tmp_path, redis_server.url)
     original = config.read_text()
     with running(config, log, address) as daemon:
-        config.write_text(original + "bogus_key = 1\n")
+        replace_file(config, original + "bogus_key = 1\n")
         daemon.signal(signal.SIGHUP)
         daemon.wait_log("configuration not reloaded")
         with PolicyClient(address) as client:
             assert "Greylisted, please try" in (client.ask(request(recipient="r1@example.com")) or "")
-        config.write_text(
+        replace_file(
+            config,
             original.replace(
                 "[checks.greylist]\n", '[checks.greylist]\nreply_text = "Come back in {seconds}s"\n'
-            )
+            ),
         )
         daemon.signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
@@ -100,6 +101,13 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(
                 break
             time.sleep(0.1)
         assert answer == "DEFER_IF_PERMIT 4.7.1 Come back in 300s"
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write a new version of a file atomically, as an editor or a deployment tool should."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def test_sigterm_lets_requests_in_progress_finish(tmp_path: Path, redis_server: Any) -> None:
