@@ -158,7 +158,11 @@ def test_deferred_mail_is_listed_and_flushed(postfix: PostfixFactory) -> None:
     result = send_mail(pf.smtpd_port, mail_from="grace@sender.example", rcpt_to=["ok@sink.test"])
     assert result.queue_id is not None
     pf.wait_for_log(rf"{result.queue_id}: to=<ok@sink\.test>.*status=deferred")
-    [entry] = pf.queue()
+    # qmgr moves the file from the active to the deferred queue just after smtp(8) logs it
+    deadline = time.monotonic() + 10
+    while (entries := pf.queue()) and entries[0].queue_name != "deferred" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [entry] = entries
     assert (entry.queue_id, entry.queue_name) == (result.queue_id, "deferred")
     assert entry.recipients[0].address == "ok@sink.test"
     assert "451 4.3.0 sink says later" in entry.recipients[0].delay_reason
