@@ -79,8 +79,10 @@ Failure behaviour
 Auto-pipelining
     With standalone, unix and Sentinel URLs, all calls go over one dedicated connection taken from
     redis-py's pool. Calls issued while the loop runs other tasks are queued; one worker task sends
-    the queue in one write (``conn.pack_commands`` + ``send_packed_command``) and reads the replies
-    in order (``read_response``), handing each to its caller. While a batch is in flight the next
+    the queue in one write (packed by :func:`_pack_batch`, then ``send_packed_command``) and reads
+    the replies in order straight from the connection's hiredis parser (``read_response`` for
+    Sentinel-managed connections, which turn READONLY into a reconnect), handing each to its
+    caller. While a batch is in flight the next
     one collects. This costs a fraction of the CPU of one redis-py command per call (about 10 us
     against about 50 us per call under load, measured on the development machine). A server
     error answers only its own call; a broken connection fails every call of its batch with
