@@ -128,13 +128,19 @@ class RequestParser:
         return attrs
 
 
+_MAX_TEXT = 400  # Postfix cuts the whole SMTP reply at 510 bytes
+
+
 def _clean(text: str) -> str:
     # Reply text must be one line of valid UTF-8 (Postfix treats invalid UTF-8 as a failed
-    # request when smtputf8_enable = yes) and printable (Postfix turns the rest into spaces).
-    if text.isprintable() and text.isascii():
-        return text
-    out = "".join(ch if ch.isprintable() else " " for ch in text)
-    return out.encode("utf-8", "replace").decode("utf-8")
+    # request when smtputf8_enable = yes), printable (Postfix turns the rest into spaces) and
+    # bounded in length.
+    if not (text.isprintable() and text.isascii()):
+        text = "".join(ch if ch.isprintable() else " " for ch in text)
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    if len(text) > _MAX_TEXT:
+        text = text[: _MAX_TEXT - 3].rstrip() + "..."
+    return text
 
 
 def action_text(action: Action, header: str = "") -> str:

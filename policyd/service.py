@@ -28,14 +28,13 @@ from typing import Final
 from mxward.policyd.protocol import STATE_STAGES, action_text
 from mxward.shared.logs import decision_line, info_line
 from mxward.shared.netutil import parse_ip
-from mxward.shared.pipeline import Pipeline
+from mxward.shared.pipeline import EARLY_STAGES, Pipeline
 from mxward.shared.plugin import Decision, Result, Stage, Transaction
 
 __all__ = ["PolicyService"]
 
 log = logging.getLogger("mxward.policyd")
 
-_EARLY = (Stage.CONNECT, Stage.HELO, Stage.MAIL)
 _MEMO_SIZE: Final = 20000
 _MEMO_TTL: Final = 900.0
 
@@ -99,7 +98,7 @@ class PolicyService:
             early = pipeline.early_stages(stage)
             if early:
                 results.extend(await self._early_results(early, tx, deadline))
-            if stage not in _EARLY and pipeline.has_checks(stage):
+            if stage not in EARLY_STAGES and pipeline.has_checks(stage):
                 results.extend(await pipeline.run((stage,), tx, deadline))
         elapsed = (time.perf_counter() - started) * 1000.0
         decision = pipeline.decide(stage, results, exempt=exempt, elapsed_ms=elapsed)

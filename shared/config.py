@@ -115,10 +115,6 @@ class ExemptSettings:
     def __post_init__(self) -> None:
         NetworkList(self.networks)
 
-    @property
-    def network_list(self) -> NetworkList:
-        return NetworkList(self.networks)
-
 
 @dataclass(frozen=True, kw_only=True)
 class PolicydSettings:

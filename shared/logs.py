@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping
 from typing import TextIO
 
 from mxward.shared.plugin import Decision, LogValue, Transaction
@@ -60,10 +59,6 @@ def kv(value: LogValue) -> str:
         else:
             escaped.append(ch)
     return '"' + "".join(escaped) + '"'
-
-
-def _fields(data: Mapping[str, LogValue]) -> str:
-    return " ".join(f"{k}={kv(v)}" for k, v in data.items())
 
 
 def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:

@@ -17,7 +17,8 @@ Everything checks must not repeat lives here:
   from the configured reject stage on (qpsmtpd's deferred "naughty" rejection), so all reasons
   are collected into one reply. The strongest action wins: REJECT over DEFER over
   DEFER_IF_PERMIT over DUNNO.
-* **Replies**: only the pipeline builds reply text, from ``Result.reason`` (never ``log``).
+* **Replies**: only the pipeline builds reply text, from ``Result.reason`` (never ``log``); the
+  daemon's reply formatter makes it one printable, bounded line.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ from mxward.shared.plugin import (
 )
 from mxward.shared.state import StateError
 
-__all__ = ["ActiveCheck", "Pipeline", "PipelineSettings"]
+__all__ = ["EARLY_STAGES", "ActiveCheck", "Pipeline", "PipelineSettings"]
+
+# Stages whose results hold for the whole transaction (policyd computes them once per message).
+EARLY_STAGES = (Stage.CONNECT, Stage.HELO, Stage.MAIL)
 
 log = logging.getLogger("mxward.pipeline")
-
-_MAX_REPLY_TEXT = 400
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,9 +98,9 @@ class Pipeline:
         self.observed: collections.Counter[tuple[str, str]] = collections.Counter()
         # Only checks that override after() get a bookkeeping call (saves a task per request).
         self._with_after = tuple(c for c in self.checks if type(c.check).after is not Check.after)
-        early = (Stage.CONNECT, Stage.HELO, Stage.MAIL)
         self._early = {
-            stage: [s for s in early if s.order <= stage.order and self._by_stage[s]] for stage in Stage
+            stage: [s for s in EARLY_STAGES if s.order <= stage.order and self._by_stage[s]]
+            for stage in Stage
         }
         self._verify_facts()
 
@@ -223,8 +225,8 @@ class Pipeline:
                 scored = Action(ActionKind.DEFER, settings.defer_code, settings.defer_dsn, "x")
             if scored is not None:
                 reasons = [r.reason for r in counted if r.score > 0 and r.reason] or ["policy score too high"]
-                text = _reply_text("; ".join(dict.fromkeys(reasons)))
-                action = dataclasses.replace(scored, text=text)
+                # The reply formatter makes the text one bounded printable line.
+                action = dataclasses.replace(scored, text="; ".join(dict.fromkeys(reasons)))
         header = ""
         if action.kind is ActionKind.DUNNO:
             header = next((r.header for r in counted if r.header), "")
@@ -268,16 +270,3 @@ def _facts(results: Iterable[Result]) -> dict[str, LogValue]:
 
 def _error(name: str, what: str) -> Result:
     return Result(check=name, verdict=Verdict.ERROR, log={"error": what})
-
-
-def _reply_text(text: str) -> str:
-    """Client-facing text: printable, one line, bounded (Postfix cuts replies at 510 bytes)."""
-    clean = "".join(ch if ch.isprintable() else " " for ch in text).strip()
-    if len(clean) > _MAX_REPLY_TEXT:
-        clean = clean[: _MAX_REPLY_TEXT - 3].rstrip() + "..."
-    return clean or "Rejected by policy"
-
-
-def sanitize_reply_text(text: str) -> str:
-    """Public form of the reply-text cleaner, for daemons formatting their own replies."""
-    return _reply_text(text)

@@ -11,11 +11,6 @@ from typing import Any
 from mxward.policyd.checks.greylist import GreylistCheck
 from mxward.shared.plugin import Check
 
-__all__ = ["CHECKS", "builtin_checks"]
+__all__ = ["CHECKS"]
 
 CHECKS: tuple[type[Check[Any]], ...] = (GreylistCheck,)
-
-
-def builtin_checks() -> dict[str, type[Check[Any]]]:
-    """Name → class of every built-in envelope check."""
-    return {cls.name: cls for cls in CHECKS}

@@ -149,3 +149,10 @@ def test_actions_without_code_dsn_or_text_cannot_be_built(kwargs: dict[str, obje
 
     with pytest.raises(ValueError, match=message):
         Action(ActionKind.DEFER, **kwargs)  # type: ignore[arg-type]
+
+
+def test_long_reply_text_is_bounded() -> None:
+    """A check's long reason is cut to fit Postfix's 510-byte reply, whatever made the action."""
+    text = action_text(Action.reject("x" * 2000))
+    assert text.startswith("550 5.7.1 xxx") and text.endswith("...")
+    assert len(text) <= len("550 5.7.1 ") + 400
