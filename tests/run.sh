@@ -11,6 +11,8 @@ command -v swaks >/dev/null || need="$need swaks"
 command -v redis-server >/dev/null || need="$need redis-server"
 command -v socat >/dev/null || need="$need socat"
 command -v ss >/dev/null || need="$need iproute2"
+command -v rbldnsd >/dev/null || need="$need rbldnsd"
+command -v p0f >/dev/null || need="$need p0f"
 python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
 if [ -n "$need" ]; then
     apt-get update -q
