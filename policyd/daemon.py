@@ -37,6 +37,7 @@ from mxward.shared.clock import SystemClock
 from mxward.shared.config import Config, ConfigError, parse_listen
 from mxward.shared.dns import Resolver
 from mxward.shared.embedded import EmbeddedServer
+from mxward.shared.matchers import AddressList
 from mxward.shared.netutil import NetworkList
 from mxward.shared.pipeline import ActiveCheck, Pipeline, PipelineSettings
 from mxward.shared.plugin import Action, Check, Services
@@ -110,6 +111,7 @@ def pipeline_settings(config: Config) -> PipelineSettings:
         defer_dsn=p.scoring.defer_dsn,
         exempt_authenticated=p.exempt.authenticated,
         exempt_networks=NetworkList(p.exempt.networks),
+        exempt_recipients=AddressList(p.exempt.recipients),
         tempfail_text=p.tempfail_text,
     )
 

@@ -13,7 +13,20 @@ Stages and ``protocol_state``
     the recipients of a message; rcpt-stage results are per recipient. The memo is only an
     optimisation: Postfix may send the requests of one message over different connections, to
     different worker processes, and each request carries everything needed to recompute.
-    VRFY and ETRN requests run no checks and get DUNNO.
+    VRFY and ETRN requests run no checks and get DUNNO. Facts that connect/helo/mail-stage
+    checks provide are in ``tx.facts`` for the checks of later stages.
+
+Headers
+    A policy reply can PREPEND one header, so the headers that checks ask for (X-Greylist,
+    Received-SPF, ...) are queued per message (``instance``) and sent one per request, each
+    name once per message, at the RCPT requests and at DATA (``check_policy_service`` in
+    ``smtpd_data_restrictions``; ``mxward postfix-config`` prints it). A deferring or rejecting
+    reply sends none. Like the memo, this is kept per process: Postfix asks over one connection
+    per smtpd process, so the requests of one message reach one worker.
+
+Exempt recipients
+    A recipient in ``[policyd.exempt] recipients`` (postmaster@, abuse@) is accepted whatever the
+    checks say; the DATA and END-OF-MESSAGE requests of that message are exempt too.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from mxward.policyd.protocol import STATE_STAGES, action_text
 from mxward.shared.logs import decision_line, info_line
 from mxward.shared.netutil import parse_ip
 from mxward.shared.pipeline import EARLY_STAGES, Pipeline
-from mxward.shared.plugin import Decision, Result, Stage, Transaction
+from mxward.shared.plugin import ActionKind, Decision, Result, Stage, Transaction
 
 __all__ = ["PolicyService"]
 
@@ -68,6 +81,22 @@ def transaction(attrs: Mapping[str, str], stage: Stage) -> Transaction:
     )
 
 
+class _Message:
+    """What the service remembers about one message (by ``instance``) between its requests."""
+
+    __slots__ = ("expires", "pending", "sent", "spared")
+
+    def __init__(self, expires: float) -> None:
+        self.expires = expires
+        self.sent: set[str] = set()
+        self.pending: dict[str, str] = {}
+        self.spared = False
+
+
+def _header_name(header: str) -> str:
+    return header.split(":", 1)[0].strip().lower()
+
+
 class PolicyService:
     """Decides policy requests with one pipeline; swap :attr:`pipeline` to reload."""
 
@@ -76,7 +105,7 @@ class PolicyService:
         self._memo: collections.OrderedDict[tuple[str, ...], tuple[float, tuple[Result, ...]]] = (
             collections.OrderedDict()
         )
-        self._headers_sent: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._messages: collections.OrderedDict[str, _Message] = collections.OrderedDict()
         self.after_tasks: set[asyncio.Task[None]] = set()
 
     async def decide(self, attrs: Mapping[str, str]) -> tuple[str, Transaction, Decision]:
@@ -93,18 +122,32 @@ class PolicyService:
             decision = pipeline.decide(Stage.CONNECT, (), exempt="", elapsed_ms=0.0)
             return "DUNNO", tx, decision
         exempt = pipeline.exemption(tx)
+        if tx.instance and self._messages:
+            exempt = self._recipient_exemption(tx.instance, stage, exempt)
         results: list[Result] = []
         if not exempt:
             early = pipeline.early_stages(stage)
             if early:
                 results.extend(await self._early_results(early, tx, deadline))
             if stage not in EARLY_STAGES and pipeline.has_checks(stage):
-                results.extend(await pipeline.run((stage,), tx, deadline))
+                run_tx = tx
+                if results:
+                    facts = {k: v for r in results if r.facts for k, v in r.facts.items()}
+                    if facts:
+                        run_tx = tx.with_stage(stage, facts)
+                results.extend(await pipeline.run((stage,), run_tx, deadline))
+        elif exempt == "recipient" and tx.instance:
+            self._message(tx.instance).spared = True
         elapsed = (time.perf_counter() - started) * 1000.0
         decision = pipeline.decide(stage, results, exempt=exempt, elapsed_ms=elapsed)
-        header = decision.header
-        if header and tx.instance and not self._first_header(tx.instance):
-            header = ""
+        header = ""
+        if decision.action.kind is not ActionKind.DUNNO:
+            pass  # a deferral or rejection carries no header; queued ones wait
+        elif tx.instance:
+            if decision.headers or tx.instance in self._messages:
+                header = self._next_header(tx.instance, decision.headers)
+        elif decision.headers:
+            header = decision.headers[0]
         text = action_text(decision.action, header)
         return text, tx, decision
 
@@ -141,16 +184,39 @@ class PolicyService:
             memo.popitem(last=False)
         return results
 
-    def _first_header(self, instance: str) -> bool:
-        """True the first time a header is PREPENDed for this transaction (in this process)."""
+    def _message(self, instance: str) -> _Message:
         now = time.monotonic()
-        seen = self._headers_sent
-        if instance in seen and seen[instance] > now:
-            return False
-        seen[instance] = now + _MEMO_TTL
-        while len(seen) > _MEMO_SIZE:
-            seen.popitem(last=False)
-        return True
+        messages = self._messages
+        message = messages.get(instance)
+        if message is None or message.expires <= now:
+            message = messages[instance] = _Message(now + _MEMO_TTL)
+            messages.move_to_end(instance)
+            while len(messages) > _MEMO_SIZE:
+                messages.popitem(last=False)
+        return message
+
+    def _recipient_exemption(self, instance: str, stage: Stage, exempt: str) -> str:
+        """DATA and END-OF-MESSAGE of a message to an exempt recipient are exempt too."""
+        if exempt or stage not in (Stage.DATA, Stage.END_OF_MESSAGE):
+            return exempt
+        message = self._messages.get(instance)
+        return "recipient" if message is not None and message.spared else exempt
+
+    def _next_header(self, instance: str, headers: tuple[str, ...]) -> str:
+        """Queue ``headers`` for this message; return the next one to PREPEND (or ``""``).
+
+        Each header name is sent once per message; the rest wait for the next request.
+        """
+        message = self._message(instance)
+        for header in headers:
+            name = _header_name(header)
+            if name not in message.sent and name not in message.pending:
+                message.pending[name] = header
+        if not message.pending:
+            return ""
+        name = next(iter(message.pending))
+        message.sent.add(name)
+        return message.pending.pop(name)
 
     async def drain(self, grace: float) -> None:
         """Wait for running after-hooks (at shutdown)."""

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from mxward.shared.dns import DnsSettings
+from mxward.shared.matchers import AddressList
 from mxward.shared.netutil import NetworkList
 from mxward.shared.plugin import Check, CheckLoadError, Stage
 from mxward.shared.state import StateSettings
@@ -107,13 +108,17 @@ class ScoringSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class ExemptSettings:
-    """``[policyd.exempt]``: clients no check is run for (decided once, by the pipeline)."""
+    """``[policyd.exempt]``: clients no check is run for (decided once, by the pipeline), and
+    recipients that no envelope check may refuse (RFC 5321 §4.5.1: mail to postmaster must be
+    accepted, so a blocked sender can still reach a human)."""
 
     authenticated: bool = True
     networks: tuple[str, ...] = ()
+    recipients: tuple[str, ...] = ("postmaster@", "abuse@")
 
     def __post_init__(self) -> None:
         NetworkList(self.networks)
+        AddressList(self.recipients)
 
 
 @dataclass(frozen=True, kw_only=True)

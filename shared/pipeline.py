@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from mxward.shared.dns import DnsError
+from mxward.shared.matchers import AddressList
 from mxward.shared.netutil import NetworkList
 from mxward.shared.plugin import (
     DUNNO,
@@ -69,6 +70,7 @@ class PipelineSettings:
     defer_dsn: str = "4.7.1"
     exempt_authenticated: bool = True
     exempt_networks: NetworkList = dataclasses.field(default_factory=lambda: NetworkList(()))
+    exempt_recipients: AddressList = dataclasses.field(default_factory=lambda: AddressList(()))
     tempfail_text: str = "Temporary local problem, please try again later"
 
 
@@ -123,11 +125,19 @@ class Pipeline:
     # exemptions
 
     def exemption(self, tx: Transaction) -> str:
-        """Why no check runs for this client (``"sasl"``, ``"network"``), or ``""``."""
-        if self.settings.exempt_authenticated and tx.sasl_username:
+        """Why no check runs for this request (``"sasl"``, ``"network"``, ``"recipient"``), or ``""``.
+
+        A recipient in ``exempt_recipients`` (postmaster@, abuse@) is never refused at RCPT,
+        whatever the client's other results say.
+        """
+        settings = self.settings
+        if settings.exempt_authenticated and tx.sasl_username:
             return "sasl"
-        if tx.client_ip is not None and tx.client_ip in self.settings.exempt_networks:
+        if tx.client_ip is not None and tx.client_ip in settings.exempt_networks:
             return "network"
+        recipients = settings.exempt_recipients
+        if tx.stage is Stage.RCPT and recipients and recipients.matches(tx.recipient):
+            return "recipient"
         return ""
 
     # ----------------------------------------------------------------------------------------
@@ -227,16 +237,16 @@ class Pipeline:
                 reasons = [r.reason for r in counted if r.score > 0 and r.reason] or ["policy score too high"]
                 # The reply formatter makes the text one bounded printable line.
                 action = dataclasses.replace(scored, text="; ".join(dict.fromkeys(reasons)))
-        header = ""
+        headers: tuple[str, ...] = ()
         if action.kind is ActionKind.DUNNO:
-            header = next((r.header for r in counted if r.header), "")
+            headers = tuple(r.header for r in counted if r.header)
         return Decision(
             action=action,
             score=score,
             results=tuple(results),
             stage=stage,
             exempt=exempt,
-            header=header,
+            headers=headers,
             reasons=tuple(reasons),
             elapsed_ms=elapsed_ms,
         )

@@ -203,7 +203,7 @@ class Decision:
     results: tuple[Result, ...]
     stage: Stage
     exempt: str = ""
-    header: str = ""
+    headers: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
     elapsed_ms: float = 0.0
 
