@@ -2,7 +2,7 @@
 
     mxward [--config PATH] COMMAND [...]
 
-Commands: ``run``, ``policyd``, ``check``, ``greylist``, ``state``, ``postfix-config``,
+Commands: ``run``, ``policyd``, ``check``, ``greylist``, ``karma``, ``state``, ``postfix-config``,
 ``config-check``; ``mxward --version``. ``mxward COMMAND --help`` explains each. The
 configuration is ``--config PATH``, else ``$MXWARD_CONFIG``, else ``/etc/mxward/mxward.toml``
 (built-in defaults when that file does not exist). A configuration error exits with 78.
@@ -85,6 +85,8 @@ def cmd_config_check(args: argparse.Namespace, config: Config) -> int:
     print(f"  policyd listen: {', '.join(config.policyd.listen)}")
     print(f"  state: {config.state.url or 'embedded server in ' + str(config.data_dir / 'state')}")
     print(f"  policyd checks: {names or '(none)'}")
+    if config.inactive:
+        print(f"  configured but not run (not in [policyd] checks): {', '.join(config.inactive)}")
     return 0
 
 
@@ -236,6 +238,59 @@ def cmd_greylist(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(run())
 
 
+def cmd_karma(args: argparse.Namespace, config: Config) -> int:
+    from mxward.policyd.checks import karma
+    from mxward.shared.karma import KarmaStore
+    from mxward.shared.units import parse_duration
+
+    cfg = config.checks.get("karma")
+    options = cfg.options if cfg is not None else karma.Options()
+    if args.action != "list":
+        if not args.client:
+            print(f"mxward karma {args.action}: a client IP address is required", file=sys.stderr)
+            return 2
+        try:
+            ipaddress.ip_address(args.client)
+        except ValueError:
+            print(f"mxward karma: {args.client!r} is not an IP address", file=sys.stderr)
+            return 2
+    try:
+        period = parse_duration(args.period) if args.period else options.penalty
+    except ValueError as exc:
+        print(f"mxward karma box: --for: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        async with _services(config) as services:
+            store = KarmaStore(services.state, options.rules)
+            now = time.time()
+            if args.action == "list":
+                count = 0
+                async for record in store.records():
+                    if args.boxed and not record.penalty_left(now):
+                        continue
+                    print(record.line(now))
+                    count += 1
+                if count == 0:
+                    print("(no records)")
+                return 0
+            if args.action == "show":
+                record = await store.show(args.client)
+                print(record.line(now) if record.known else f"{record.network:<20} (no history)")
+            elif args.action == "allow":
+                record = await store.allow(args.client, now, max(options.good_history, 1))
+                print(record.line(now))
+            elif args.action == "box":
+                record = await store.box(args.client, now, period)
+                print(record.line(now))
+            else:
+                removed = await store.reset(args.client)
+                print(f"removed {removed} record(s) of {store.network(args.client)}")
+            return 0
+
+    return asyncio.run(run())
+
+
 def cmd_state(args: argparse.Namespace, config: Config) -> int:
     async def run() -> int:
         async with _services(config) as services:
@@ -260,6 +315,13 @@ def cmd_postfix_config(args: argparse.Namespace, config: Config) -> int:
         f"unix:{host}" if kind == "unix" else f"inet:{host if ':' not in host else '[' + host + ']'}:{port}"
     )
     timeout = int(p.request_deadline + 5)
+    early = _earlytalker_options(config)
+    data_check = ""
+    if early is not None:
+        from mxward.policyd.checks.earlytalker import data_restriction
+
+        data_check = data_restriction(early[0], observe=early[1])
+    data_hook = f"{data_check},\n#     check_policy_service" if data_check else "check_policy_service"
     print(
         f"""# mxward {_version()}: main.cf lines for {config.path or "the built-in defaults"}
 # Apply with postconf -e, or paste into main.cf, then: postfix reload
@@ -274,7 +336,7 @@ smtpd_recipient_restrictions =
     check_policy_service {{ {endpoint}, timeout={timeout}s, {{ default_action = DUNNO }} }}
 
 # Stage hooks for DATA and END-OF-MESSAGE checks (harmless when none are configured):
-# smtpd_data_restrictions = check_policy_service {{ {endpoint}, timeout={timeout}s,
+# smtpd_data_restrictions = {data_hook} {{ {endpoint}, timeout={timeout}s,
 #     {{ default_action = DUNNO }} }}
 # smtpd_end_of_data_restrictions = check_policy_service {{ {endpoint}, timeout={timeout}s,
 #     {{ default_action = DUNNO }} }}"""
@@ -284,7 +346,74 @@ smtpd_recipient_restrictions =
             "\n# A unix socket outside the Postfix queue directory is reachable only from an"
             "\n# smtpd that does not run chroot'ed (master.cf chroot column 'n')."
         )
+    if "earlytalker" in config.checks:
+        print(_earlytalker_lines(config, early, data_check))
     return 0
+
+
+def _earlytalker_options(config: Config) -> tuple[Any, bool] | None:
+    """The earlytalker options and whether it is in observe mode; None if it is not enabled."""
+    cfg = config.checks.get("earlytalker")
+    if cfg is None or not cfg.common.enabled:
+        return None
+    return cfg.options, cfg.common.mode == "observe"
+
+
+def _main_cf_line(name: str, value: str) -> str:
+    """``name = value``; a long list is written one item per continuation line."""
+    if len(name) + len(value) < 90:
+        return f"{name} = {value}".rstrip()
+    items: list[str] = []
+    depth = start = 0
+    for index, char in enumerate(value):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:  # only top-level commas: an inline table {..., ...} stays whole
+            items.append(value[start:index].strip())
+            start = index + 1
+    items.append(value[start:].strip())
+    return f"{name} =\n    " + ",\n    ".join(items)
+
+
+def _earlytalker_lines(config: Config, early: tuple[Any, bool] | None, data_check: str) -> str:
+    """main.cf settings and (commented) master.cf services of the earlytalker check."""
+    if early is None:
+        return "\n# earlytalker is listed but disabled (enabled = false): no postscreen or pipelining lines."
+    import textwrap
+
+    from mxward.policyd.checks.earlytalker import MASTER_CF_SERVICES, main_cf_settings
+
+    options, observe = early
+    mode = " (observe mode: every test only logs)" if observe else ""
+    out = [
+        "",
+        f"# ---- earlytalker{mode}: clients that talk before the greeting or pipeline without leave",
+        "# A policy service never sees those bytes, so Postfix tests them: postscreen(8) before",
+        "# the 220 greeting, smtpd(8) after it.",
+    ]
+    settings = main_cf_settings(options, exempt_networks=config.policyd.exempt.networks, observe=observe)
+    for setting in settings:
+        out += [*textwrap.wrap(setting.comment, 94, initial_indent="# ", subsequent_indent="# ")]
+        out.append(_main_cf_line(setting.name, setting.value))
+    if data_check:
+        out += [
+            "# DATA is refused (503 5.5.0) in a session that sent commands ahead of time without",
+            "# PIPELINING. For mxward's DATA-stage checks use the combined hook line above instead.",
+            f"smtpd_data_restrictions =\n    {data_check}",
+        ]
+    if options.postscreen:
+        out += [
+            "",
+            "# ---- master.cf (not main.cf): postscreen answers the public SMTP port, smtpd runs behind it",
+            "# These lines belong in /etc/postfix/master.cf. They are commented out here so that this",
+            "# whole output stays safe to paste into main.cf. In master.cf, replace the public",
+            '# "smtp inet ... smtpd" service by the four services below (without the leading "# "),',
+            '# move its "-o" options, if any, to the "smtpd pass" service, keep every other service,',
+            "# then: postfix reload. Only the MX port: submission (587) stays a plain smtpd with AUTH.",
+            '# chroot column "n" works everywhere; keep "y" if your other services run chroot\'ed.',
+            "#",
+            *(f"# {line}" for line in MASTER_CF_SERVICES),
+        ]
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +451,13 @@ def parser() -> argparse.ArgumentParser:
     grey.add_argument("--sender", help="envelope sender of a triplet (empty string for <>)")
     grey.add_argument("--recipient", help="recipient of a triplet")
     grey.add_argument("--limit", type=int, default=0, help="list at most this many entries")
+    karma = sub.add_parser("karma", help="show, list, allow, box or reset client history (karma)")
+    karma.add_argument("action", choices=["show", "list", "allow", "box", "reset"])
+    karma.add_argument("client", nargs="?", help="client IP address (IPv6: its network is used)")
+    karma.add_argument("--boxed", action="store_true", help="list: only clients in the penalty box")
+    karma.add_argument(
+        "--for", dest="period", help='box: how long (default [checks.karma] penalty), e.g. "2d"'
+    )
     state = sub.add_parser("state", help="show the Redis key layout and test the connection")
     state.add_argument("action", choices=["keys"])
     sub.add_parser("postfix-config", help="print the main.cf lines for this configuration")
@@ -335,6 +471,7 @@ COMMANDS = {
     "policyd": cmd_policyd,
     "check": cmd_check,
     "greylist": cmd_greylist,
+    "karma": cmd_karma,
     "state": cmd_state,
     "postfix-config": cmd_postfix_config,
     "config-check": cmd_config_check,

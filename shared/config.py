@@ -217,6 +217,8 @@ class Config:
     dns: DnsSettings = field(default_factory=DnsSettings)
     policyd: PolicydSettings = field(default_factory=PolicydSettings)
     checks: Mapping[str, CheckConfig] = field(default_factory=dict)
+    # [checks.<name>] tables of checks that no pipeline lists: validated, not run.
+    inactive: Mapping[str, CheckConfig] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -408,12 +410,6 @@ def parse_config(data: Mapping[str, Any], *, source: str, resolve_check: CheckRe
     if not isinstance(check_tables, dict):
         raise ConfigError(f"{label}: 'checks' must be a table of [checks.<name>] tables")
     listed = list(policyd.checks)
-    for name in check_tables:
-        if name not in listed:
-            raise ConfigError(
-                f"{label}: [checks.{name}] configures a check that no pipeline lists "
-                f"(add it to [policyd] checks, now {listed})"
-            )
     checks: dict[str, CheckConfig] = {}
     for name in listed:
         try:
@@ -421,7 +417,19 @@ def parse_config(data: Mapping[str, Any], *, source: str, resolve_check: CheckRe
         except CheckLoadError as exc:
             raise ConfigError(f"{label}: [policyd] checks: {exc}") from None
         checks[name] = _build_check(cls, check_tables.get(name, {}), label)
+    # A table for a check that no pipeline lists is still validated (a typo in it is an error
+    # now, not when the check is switched on), and reported by `mxward config-check`.
+    inactive: dict[str, CheckConfig] = {}
+    for name, table in check_tables.items():
+        if name in checks:
+            continue
+        try:
+            cls = resolve_check(name)
+        except CheckLoadError as exc:
+            raise ConfigError(f"{label}: [checks.{name}]: {exc}") from None
+        inactive[name] = _build_check(cls, table, label)
     kwargs["checks"] = checks
+    kwargs["inactive"] = inactive
     try:
         return Config(**kwargs)
     except ValueError as exc:

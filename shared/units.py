@@ -59,3 +59,18 @@ def format_duration(seconds: float) -> str:
     if seconds < 1:
         return f"{round(seconds * 1000)}ms"
     return f"{seconds:g}s"
+
+
+def format_remaining(seconds: float) -> str:
+    """A time left, for people: the two largest units (``86340`` → ``"23h59m"``, ``90`` → ``"1m30s"``)."""
+    left = max(0, round(seconds))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size or (unit == "s" and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+        elif parts:
+            break
+        if len(parts) == 2:
+            break
+    return "".join(parts)

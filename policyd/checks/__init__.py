@@ -9,8 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from mxward.policyd.checks.greylist import GreylistCheck
+from mxward.policyd.checks.karma import KarmaCheck
 from mxward.shared.plugin import Check
 
 __all__ = ["CHECKS"]
 
-CHECKS: tuple[type[Check[Any]], ...] = (GreylistCheck,)
+CHECKS: tuple[type[Check[Any]], ...] = (
+    KarmaCheck,
+    GreylistCheck,
+)

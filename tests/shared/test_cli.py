@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def test_check_prints_the_full_decision_trace(tmp_path: Path, redis_server: Any)
     assert "greylist     fail  score=0 forces DEFER_IF_PERMIT" in out.stdout
     assert "fact greylist.status=new" in out.stdout
     assert "action=DEFER_IF_PERMIT 4.7.1 Greylisted, please try again in 300 seconds" in out.stdout
-    assert "request 2:" in out.stdout and "allowed=recipient" in out.stdout
+    assert "request 2:" in out.stdout and "exempt (recipient): no check runs" in out.stdout
 
 
 def test_check_refuses_input_that_is_not_name_value(tmp_path: Path, redis_server: Any) -> None:
@@ -112,6 +113,30 @@ def test_greylist_command_lists_allows_and_removes(tmp_path: Path, redis_server:
     assert "removed 2 record(s) of client network 192.0.2.0/24" in removed.stdout
     assert "(no entries)" in run(tmp_path, redis_server.url, "greylist", "list").stdout
     bad = run(tmp_path, redis_server.url, "greylist", "allow", "--client", "not-an-ip")
+    assert bad.returncode == 2 and "not an IP address" in bad.stderr
+
+
+def test_karma_command_shows_boxes_allows_and_resets(tmp_path: Path, redis_server: Any) -> None:
+    """`mxward karma` inspects and fixes client history with the same keys the check uses."""
+    out = run(tmp_path, redis_server.url, "karma", "show", "127.0.5.9", checks='["karma"]')
+    assert out.returncode == 0, out.stderr
+    assert "127.0.5.9/32" in out.stdout and "(no history)" in out.stdout
+    boxed = run(tmp_path, redis_server.url, "karma", "box", "127.0.5.9", "--for", "2d")
+    assert "naughty=1" in boxed.stdout and "BOXED for 2d" in boxed.stdout, boxed.stdout + boxed.stderr
+    listed = run(tmp_path, redis_server.url, "karma", "list", "--boxed")
+    assert "127.0.5.9/32" in listed.stdout
+    # The policy daemon's view agrees: the boxed client is refused.
+    stdin = encode(request(client_address="127.0.5.9", recipient="bob@example.com")).decode()
+    decided = run(tmp_path, redis_server.url, "check", stdin=stdin)
+    assert re.search(
+        r"action=550 5\.7\.1 Too much bad mail from 127\.0\.5\.9; refused for (2d|1d23h)\n", decided.stdout
+    )
+    allowed = run(tmp_path, redis_server.url, "karma", "allow", "127.0.5.9")
+    assert "history=+5" in allowed.stdout and "BOXED" not in allowed.stdout
+    reset = run(tmp_path, redis_server.url, "karma", "reset", "127.0.5.9")
+    assert reset.stdout.startswith("removed ")
+    assert "(no history)" in run(tmp_path, redis_server.url, "karma", "show", "127.0.5.9").stdout
+    bad = run(tmp_path, redis_server.url, "karma", "show", "not-an-ip")
     assert bad.returncode == 2 and "not an IP address" in bad.stderr
 
 

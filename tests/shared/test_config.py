@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mxward.shared.cli import main, resolve_check
+from mxward.shared.cli import builtin_checks, main, resolve_check
 from mxward.shared.config import (
     EX_CONFIG,
     CheckCommon,
@@ -114,7 +114,8 @@ def test_a_named_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
         ('[policyd]\nallowed_clients = ["300.0.0.0/8"]\n', r"not an IP network"),
         ("[policyd.scoring]\nreject_code = 450\n", r"reject_code must be 5xx"),
         ("[greylist]\ndelay = 5\n", r"unknown table or key 'greylist' at top level \(valid tables: .*checks"),
-        ("[checks.karma]\n", r"\[checks.karma\] configures a check that no pipeline lists"),
+        ("[checks.nosuch]\nx = 1\n", r"\[checks.nosuch\]: unknown check 'nosuch'"),
+        ("[checks.karma]\nnegative = 0\n", r"\[checks.karma\] negative must be 1 or more"),
         ('[policyd]\nchecks = ["nosuchcheck"]\n', r"unknown check 'nosuchcheck'"),
         ('[checks.greylist]\nreply_text = "wait {minutes}"\n', r"unknown placeholder"),
         ('[checks.greylist]\ndelay = "1d"\nmax_age = "2d"\n', r"max_age must be at least"),
@@ -128,6 +129,16 @@ def test_errors_name_file_table_key_and_what_is_valid(tmp_path: Path, text: str,
     with pytest.raises(ConfigError, match=message) as info:
         load_text(tmp_path, text)
     assert str(tmp_path / "mxward.toml") in str(info.value)
+
+
+def test_a_table_for_a_check_no_pipeline_runs_is_validated_and_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """[checks.karma] without karma in [policyd] checks: kept, checked, and named by config-check."""
+    config = load_text(tmp_path, "[checks.karma]\nnegative = 2\n")
+    assert "karma" not in config.checks and config.inactive["karma"].options.negative == 2
+    assert main(["--config", str(tmp_path / "mxward.toml"), "config-check"]) == 0
+    assert "configured but not run (not in [policyd] checks): karma" in capsys.readouterr().out
 
 
 def test_a_single_string_is_accepted_where_a_list_is_expected(tmp_path: Path) -> None:
@@ -181,7 +192,7 @@ def _defaults(config: Config) -> dict[str, Any]:
 
     for table, obj in tables.items():
         walk(f"{table}.", obj)
-    for name, check in config.checks.items():
+    for name, check in {**config.checks, **config.inactive}.items():
         walk(f"checks.{name}.", check.common)
         walk(f"checks.{name}.", check.options)
         out[f"checks.{name}.timeout"] = check.cls.timeout
@@ -191,7 +202,8 @@ def _defaults(config: Config) -> dict[str, Any]:
 def test_the_example_documents_every_option_with_its_default() -> None:
     """config/mxward.example.toml sets every key, each to its built-in default."""
     example = load_config(str(EXAMPLE), resolve_check)
-    defaults = _defaults(parse_config({}, source="", resolve_check=resolve_check))
+    every_check = {"checks": {name: {} for name in builtin_checks()}}
+    defaults = _defaults(parse_config(every_check, source="", resolve_check=resolve_check))
     written = _flatten(tomllib.loads(EXAMPLE.read_text()))
     assert set(written) == set(defaults), "example and settings disagree on the keys"
     assert _defaults(example) == defaults
