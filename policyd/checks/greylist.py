@@ -57,10 +57,34 @@ Options ([checks.greylist]), besides enabled/timeout/on_error/mode:
     dsn                     string    "4.7.1" enhanced status code of the deferral
     add_header              bool      true    PREPEND ``X-Greylist: delayed N seconds by mxward
                                               at HOST; DATE`` on the first delivery that passed
+    spf_pool                bool      true    when SPF passed for the sender's domain, the domain
+                                              stands in for the client network in the triplet:
+                                              a pool of servers the domain authorises retries
+                                              from any of its addresses (needs the spf check)
+    skip_good_karma         bool      true    clients karma counts as good are not greylisted
+                                              (needs the karma check)
+    skip_dnswl              bool      true    clients listed on a DNSWL are not greylisted
+                                              (needs the dnswl check)
+    skip_countries          list      []      ISO country codes never greylisted, e.g. ["DE"]
+                                              (needs the geoip check)
+    only_os                 list      []      greylist only clients whose p0f OS matches one of
+                                              these ("Windows", "/^windows (xp|7)/"); a client
+                                              p0f did not see is then not greylisted. [] = all
+                                              (needs the p0f check)
 
 Exemptions
     Authenticated clients (``sasl_username``) and ``[policyd.exempt] networks`` are exempted by
-    the pipeline before any check runs.
+    the pipeline before any check runs. Facts from checks that ran earlier in the transaction
+    exempt more (each only when that check is in [policyd] checks): ``karma.good``,
+    ``dnswl.listed``, ``geoip.country``, ``p0f.genre``; see the options above. The log says
+    which (``allowed=karma``).
+
+Trusted sender pool
+    Large senders send from pools of addresses in many networks, so their retry often comes
+    from another network and meets a new triplet. With ``spf_pool``, when the spf check found
+    ``pass`` for the sender's domain, the triplet is (``spf:DOMAIN``, sender, recipient): once
+    a retry passed, the domain's authorised servers pass whichever address they send from,
+    and auto-allow counts per domain. A sender without SPF pass is greylisted by network.
 
 Facts provided
     ``greylist.status``: ``new`` | ``early`` (retried before delay) | ``pass`` | ``awl`` |
@@ -167,6 +191,11 @@ class Options:
     reply_text: str = "Greylisted, please try again in {seconds} seconds"
     dsn: str = "4.7.1"
     add_header: bool = True
+    spf_pool: bool = True
+    skip_good_karma: bool = True
+    skip_dnswl: bool = True
+    skip_countries: tuple[str, ...] = ()
+    only_os: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.delay < 1:
@@ -186,6 +215,35 @@ class Options:
         DomainList(self.allow_client_hostnames)
         AddressList(self.allow_recipients)
         DomainList(self.allow_sender_domains)
+        for code in self.skip_countries:
+            if not re.fullmatch(r"[A-Za-z]{2}", code):
+                raise ValueError(f"skip_countries: {code!r} is not a two-letter ISO country code")
+        TextMatcher(self.only_os)
+
+
+class TextMatcher:
+    """Case-insensitive match of a text against exact strings and ``/regex/`` entries."""
+
+    __slots__ = ("_exact", "_regexes")
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        exact: set[str] = set()
+        regexes: list[re.Pattern[str]] = []
+        for entry in entries:
+            if len(entry) > 2 and entry.startswith("/") and entry.endswith("/"):
+                try:
+                    regexes.append(re.compile(entry[1:-1], re.IGNORECASE))
+                except re.error as exc:
+                    raise ValueError(f"{entry!r}: bad regular expression: {exc}") from None
+            elif entry.strip():
+                exact.add(entry.strip().lower())
+            else:
+                raise ValueError("an empty entry matches nothing")
+        self._exact = frozenset(exact)
+        self._regexes = tuple(regexes)
+
+    def matches(self, text: str) -> bool:
+        return text.lower() in self._exact or any(rx.search(text) for rx in self._regexes)
 
 
 _BATV = re.compile(r"^(?:prvs|msprvs\d?)=[^=@]*=|^btv1==[^=@]*==", re.IGNORECASE)
@@ -221,6 +279,8 @@ class GreylistCheck(Check[Options]):
         self._hostnames = DomainList(options.allow_client_hostnames)
         self._recipients = AddressList(options.allow_recipients)
         self._sender_domains = DomainList(options.allow_sender_domains)
+        self._countries = frozenset(c.upper() for c in options.skip_countries)
+        self._os = TextMatcher(options.only_os) if options.only_os else None
         state = services.state
         self._ns = state.namespace(self.name)
         self._script = state.script(_SCRIPT)
@@ -256,6 +316,20 @@ class GreylistCheck(Check[Options]):
             return "recipient"
         if self._sender_domains and self._sender_domains.matches(split_address(tx.sender)[1]):
             return "sender_domain"
+        facts = tx.facts
+        if not facts:
+            return "os" if self._os is not None else ""
+        opts = self.options
+        if opts.skip_good_karma and facts.get("karma.good"):
+            return "karma"
+        if opts.skip_dnswl and facts.get("dnswl.listed"):
+            return "dnswl"
+        if self._countries and str(facts.get("geoip.country", "")).upper() in self._countries:
+            return "country"
+        if self._os is not None:
+            genre = facts.get("p0f.genre")
+            if not genre or not self._os.matches(str(genre)):
+                return "os"
         return ""
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
@@ -274,7 +348,8 @@ class GreylistCheck(Check[Options]):
             strip_verp=opts.strip_verp,
         )
         recipient = tx.recipient.lower()
-        net = self.network(tx)
+        pool = tx.facts.get("spf.pass_domain") if opts.spf_pool and tx.facts else None
+        net = f"spf:{str(pool).lower()}" if pool else self.network(tx)
         now = int(self.services.clock.now())
         reply = await self._ns.run(
             self._script,

@@ -44,7 +44,8 @@ Options
     ipv6_prefix             int       64      IPv6 clients per /64 (one customer's network)
 
 Facts
-    karma.known (bool), karma.history (nice − naughty), karma.nice, karma.naughty,
+    karma.known (bool), karma.good (bool: history ≥ good_history; greylisting skips such
+    clients), karma.history (nice − naughty), karma.nice, karma.naughty,
     karma.penalty_until (epoch seconds, 0 = none).
 
 Failure behaviour
@@ -150,6 +151,7 @@ class KarmaCheck(Check[Options]):
     options_type: ClassVar[type[Any]] = Options
     provides: ClassVar[tuple[str, ...]] = (
         "karma.known",
+        "karma.good",
         "karma.history",
         "karma.nice",
         "karma.naughty",
@@ -174,8 +176,11 @@ class KarmaCheck(Check[Options]):
         assert tx.client_ip is not None
         connection = tx.attrs.get("client_port", "") or tx.instance
         record = await self.store.connect(tx.client_ip, connection)
+        good = self.options.good_history
+        is_good = bool(good) and record.history >= good
         facts = {
             "karma.known": record.known,
+            "karma.good": is_good,
             "karma.history": record.history,
             "karma.nice": record.nice,
             "karma.naughty": record.naughty,
@@ -197,8 +202,7 @@ class KarmaCheck(Check[Options]):
                 history=record.history,
                 boxed=format_remaining(left),
             )
-        good = self.options.good_history
-        if good and record.history >= good:
+        if is_good:
             return self.result(Verdict.PASS, self.options.good_score, facts=facts, history=record.history)
         return self.result(Verdict.PASS, facts=facts, history=record.history)
 

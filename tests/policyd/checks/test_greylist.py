@@ -313,3 +313,62 @@ async def test_an_unreachable_store_raises_state_unavailable(tmp_path: Any, cloc
     with pytest.raises(StateUnavailableError):
         await check(c, tx())
     await s.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "facts", "allowed"),
+    [
+        ({}, {"karma.good": True}, "karma"),
+        ({"skip_good_karma": False}, {"karma.good": True}, None),
+        ({}, {"karma.good": False}, None),
+        ({}, {"dnswl.listed": "list.dnswl.test"}, "dnswl"),
+        ({"skip_dnswl": False}, {"dnswl.listed": "list.dnswl.test"}, None),
+        ({"skip_countries": ("de", "AT")}, {"geoip.country": "DE"}, "country"),
+        ({"skip_countries": ("DE",)}, {"geoip.country": "US"}, None),
+        ({"skip_countries": ("DE",)}, {}, None),
+        ({"only_os": ("/^windows/",)}, {"p0f.genre": "Windows 7 or 8"}, None),
+        ({"only_os": ("/^windows/",)}, {"p0f.genre": "Linux 3.11 and newer"}, "os"),
+        ({"only_os": ("Windows XP",)}, {"p0f.genre": "windows xp"}, None),
+        ({"only_os": ("Windows XP",)}, {}, "os"),  # p0f saw nothing: not greylisted
+    ],
+)
+async def test_facts_of_other_checks_exempt_clients(
+    store: StateStore, clock: FrozenClock, options: dict[str, Any], facts: dict[str, Any], allowed: str | None
+) -> None:
+    """Good karma, a DNSWL listing, a country or an OS rule spare a client greylisting."""
+    c = GreylistCheck(Options(**options), services(store, clock))
+    r = await check(c, tx(facts=facts))
+    if allowed is None:
+        assert status(r) == "new"
+    else:
+        assert status(r) == "allowed" and r.log["allowed"] == allowed
+
+
+async def test_an_spf_pass_pool_retries_from_another_network(store: StateStore, clock: FrozenClock) -> None:
+    """The domain stands in for the network: the retry from a different /24 of the pool passes."""
+    c = GreylistCheck(Options(), services(store, clock))
+    spf = {"spf.pass_domain": "Pool.example.net"}
+    first = await check(c, tx("192.0.2.7", facts=spf))
+    assert status(first) == "new"
+    clock.advance(400)
+    retry = await check(c, tx("198.51.100.20", facts={"spf.pass_domain": "pool.example.net"}))
+    assert status(retry) == "pass"
+    # Without SPF pass the other network is a new triplet, as in postgrey.
+    assert status(await check(c, tx("203.0.113.5"))) == "new"
+
+
+async def test_the_spf_pool_can_be_turned_off(store: StateStore, clock: FrozenClock) -> None:
+    c = GreylistCheck(Options(spf_pool=False), services(store, clock))
+    spf = {"spf.pass_domain": "pool.example.net"}
+    await check(c, tx("192.0.2.7", facts=spf))
+    clock.advance(400)
+    assert status(await check(c, tx("198.51.100.20", facts=spf))) == "new"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"skip_countries": ("Germany",)}, "two-letter"), ({"only_os": ("/(/",)}, "bad regular expression")],
+)
+def test_bad_exemption_options_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Options(**options)
