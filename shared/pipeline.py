@@ -47,6 +47,7 @@ from mxward.shared.plugin import (
     Verdict,
 )
 from mxward.shared.state import StateError
+from mxward.shared.timeouts import Watchdog
 
 __all__ = ["EARLY_STAGES", "ActiveCheck", "Pipeline", "PipelineSettings"]
 
@@ -98,6 +99,7 @@ class Pipeline:
             stage: tuple(c for c in self.checks if stage in c.check.stages) for stage in Stage
         }
         self.observed: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._watchdog = Watchdog()
         # Only checks that override after() get a bookkeeping call (saves a task per request).
         self._with_after = tuple(c for c in self.checks if type(c.check).after is not Check.after)
         self._early = {
@@ -183,7 +185,7 @@ class Pipeline:
             result = _error(active.name, "deadline")
         else:
             try:
-                async with asyncio.timeout(budget):
+                async with self._watchdog.budget(budget):
                     result = await active.check.check(stage, tx)
             except TimeoutError:
                 result = _error(active.name, "timeout")
@@ -262,7 +264,7 @@ class Pipeline:
             if active.name not in names:
                 continue
             try:
-                async with asyncio.timeout(active.timeout):
+                async with self._watchdog.budget(active.timeout):
                     await active.check.after(tx, decision)
             except asyncio.CancelledError:
                 raise

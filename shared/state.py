@@ -625,9 +625,21 @@ def _pack_batch(commands: Sequence[tuple[Any, ...]]) -> bytes:
     """
     out: list[bytes] = []
     append = out.append
+    cache = _PACKED
     for args in commands:
         append(b"*%d\r\n" % len(args))
         for arg in args:
+            if type(arg) is str:
+                piece = cache.get(arg)
+                if piece is None:
+                    data = arg.encode("utf-8", "surrogateescape")
+                    piece = b"$%d\r\n%s\r\n" % (len(data), data)
+                    if len(arg) <= _PACKED_MAX_LEN:
+                        if len(cache) >= _PACKED_MAX_ENTRIES:
+                            cache.clear()
+                        cache[arg] = piece
+                append(piece)
+                continue
             if isinstance(arg, str):
                 data = arg.encode("utf-8", "surrogateescape")
             elif isinstance(arg, bytes):
@@ -640,6 +652,13 @@ def _pack_batch(commands: Sequence[tuple[Any, ...]]) -> bytes:
                 raise TypeError(f"cannot send {type(arg).__name__} to Redis")
             append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+# Encoded short strings: script SHAs, command names and fixed arguments recur on every call.
+# Cleared when full, so one-off values (senders, keys) cannot crowd the recurring ones out.
+_PACKED: dict[str, bytes] = {}
+_PACKED_MAX_LEN = 64
+_PACKED_MAX_ENTRIES = 4096
 
 
 class _AutoPipeline:

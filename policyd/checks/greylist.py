@@ -126,15 +126,19 @@ __all__ = ["GreylistCheck", "Options", "normalise_sender"]
 _SCRIPT = """
 -- KEYS[1] triplet hash, KEYS[2] client hash
 -- ARGV: now, delay, retry_window, max_age, awl_after, awl_interval, sender, recipient
+-- Counters are read once and written back with HSET (one call per hash): the script runs
+-- atomically, and every redis.call costs Redis CPU on every request.
 local now = tonumber(ARGV[1])
 local delay = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 local max_age = tonumber(ARGV[4])
 local awl_after = tonumber(ARGV[5])
-local awl_interval = tonumber(ARGV[6])
 
+local count, counted = 0, 0
 if awl_after > 0 then
-  local count = tonumber(redis.call('HGET', KEYS[2], 'count') or '0')
+  local c = redis.call('HMGET', KEYS[2], 'count', 'counted')
+  count = tonumber(c[1]) or 0
+  counted = tonumber(c[2]) or 0
   if count >= awl_after then
     redis.call('HSET', KEYS[2], 'last', now)
     redis.call('EXPIRE', KEYS[2], max_age)
@@ -142,7 +146,7 @@ if awl_after > 0 then
   end
 end
 
-local t = redis.call('HMGET', KEYS[1], 'first', 'passes')
+local t = redis.call('HMGET', KEYS[1], 'first', 'passes', 'seen')
 local first = tonumber(t[1])
 local passes = tonumber(t[2]) or 0
 if first == nil or (passes == 0 and now - first > delay + window) then
@@ -152,21 +156,15 @@ if first == nil or (passes == 0 and now - first > delay + window) then
   return {'new', delay, 0}
 end
 if passes == 0 and now - first < delay then
-  redis.call('HINCRBY', KEYS[1], 'seen', 1)
-  redis.call('HSET', KEYS[1], 'last', now)
+  redis.call('HSET', KEYS[1], 'seen', (tonumber(t[3]) or 0) + 1, 'last', now)
   return {'early', delay - (now - first), 0}
 end
 
-redis.call('HSET', KEYS[1], 'last', now)
-redis.call('HINCRBY', KEYS[1], 'passes', 1)
+redis.call('HSET', KEYS[1], 'last', now, 'passes', passes + 1)
 redis.call('EXPIRE', KEYS[1], max_age)
-if awl_after > 0 then
-  local counted = tonumber(redis.call('HGET', KEYS[2], 'counted') or '0')
-  if now - counted >= awl_interval then
-    redis.call('HINCRBY', KEYS[2], 'count', 1)
-    redis.call('HSET', KEYS[2], 'counted', now, 'last', now)
-    redis.call('EXPIRE', KEYS[2], max_age)
-  end
+if awl_after > 0 and now - counted >= tonumber(ARGV[6]) then
+  redis.call('HSET', KEYS[2], 'count', count + 1, 'counted', now, 'last', now)
+  redis.call('EXPIRE', KEYS[2], max_age)
 end
 return {'pass', now - first, passes}
 """

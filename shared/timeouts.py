@@ -1,0 +1,111 @@
+"""Cheap time budgets for code on every request's path.
+
+``asyncio.timeout()`` arms and disarms an event-loop timer for every block it guards; on the
+policy daemon's hot path (a budget per check per request) that costs more than a fast check
+itself. :class:`Watchdog` keeps the budgets of one event loop in a heap and arms one loop timer
+for the earliest; a block that finishes in time only marks its entry done. The semantics are
+``asyncio.timeout()``'s: when the budget runs out the task is cancelled, and the block raises
+``TimeoutError`` instead of ``CancelledError``; a cancellation from elsewhere passes through.
+
+Expiry is checked at ``resolution`` granularity at the latest (a budget may run up to that much
+longer), which is fine for budgets of seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from types import TracebackType
+from typing import Self
+
+__all__ = ["Watchdog"]
+
+
+class _Budget:
+    __slots__ = ("_cancelling", "_done", "_expired", "_task", "_watchdog", "_when")
+
+    def __init__(self, watchdog: Watchdog, when: float) -> None:
+        self._watchdog = watchdog
+        self._when = when
+        self._task: asyncio.Task[object] | None = None
+        self._done = False
+        self._expired = False
+        self._cancelling = 0
+
+    async def __aenter__(self) -> Self:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a time budget needs a running task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._watchdog._add(self)  # noqa: SLF001
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._done = True
+        # An expired budget always takes its cancellation back (uncancel), whatever the block
+        # raised; only the CancelledError it caused becomes TimeoutError.
+        task = self._task
+        expired = self._expired and task is not None and task.uncancel() <= self._cancelling
+        if expired and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc
+
+    def _expire(self) -> None:
+        if not self._done and self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+
+class Watchdog:
+    """Time budgets for the tasks of one event loop, served by one timer."""
+
+    def __init__(self, resolution: float = 0.01) -> None:
+        self._resolution = resolution
+        self._heap: list[tuple[float, int, _Budget]] = []
+        self._counter = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = float("inf")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def budget(self, seconds: float) -> _Budget:
+        """``async with watchdog.budget(2.0): ...`` - like ``asyncio.timeout(2.0)``."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # first use, or a new event loop (tests, one-shot commands)
+            self._loop = loop
+            self._heap = []
+            self._timer = None
+            self._timer_when = float("inf")
+        return _Budget(self, loop.time() + seconds)
+
+    def _add(self, budget: _Budget) -> None:
+        when = budget._when  # noqa: SLF001
+        heapq.heappush(self._heap, (when, next(self._counter), budget))
+        if when < self._timer_when:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer_when = when
+        self._timer = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_when = float("inf")
+        assert self._loop is not None
+        now = self._loop.time()
+        heap = self._heap
+        while heap and (heap[0][0] <= now or heap[0][2]._done):  # noqa: SLF001
+            _, _, budget = heapq.heappop(heap)
+            budget._expire()  # noqa: SLF001
+        if heap:
+            self._arm(max(heap[0][0], now + self._resolution))
+
+    @property
+    def pending(self) -> int:
+        """Budgets not yet cleaned up (finished ones leave lazily)."""
+        return len(self._heap)
