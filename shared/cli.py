@@ -321,7 +321,8 @@ def cmd_postfix_config(args: argparse.Namespace, config: Config) -> int:
         from mxward.policyd.checks.earlytalker import data_restriction
 
         data_check = data_restriction(early[0], observe=early[1])
-    data_hook = f"{data_check},\n#     check_policy_service" if data_check else "check_policy_service"
+    policy = f"check_policy_service {{ {endpoint}, timeout={timeout}s, {{ default_action = DUNNO }} }}"
+    data_items = f"{data_check},\n    {policy}" if data_check else policy
     print(
         f"""# mxward {_version()}: main.cf lines for {config.path or "the built-in defaults"}
 # Apply with postconf -e, or paste into main.cf, then: postfix reload
@@ -333,13 +334,25 @@ def cmd_postfix_config(args: argparse.Namespace, config: Config) -> int:
 # is lost either way: senders retry).
 smtpd_recipient_restrictions =
     reject_unauth_destination,
-    check_policy_service {{ {endpoint}, timeout={timeout}s, {{ default_action = DUNNO }} }}
+    {policy}
 
-# Stage hooks for DATA and END-OF-MESSAGE checks (harmless when none are configured):
-# smtpd_data_restrictions = {data_hook} {{ {endpoint}, timeout={timeout}s,
-#     {{ default_action = DUNNO }} }}
-# smtpd_end_of_data_restrictions = check_policy_service {{ {endpoint}, timeout={timeout}s,
-#     {{ default_action = DUNNO }} }}"""
+# DATA: a policy reply can add one header, so headers that did not fit the RCPT replies
+# (Received-SPF, X-Greylist, ...) go out with the DATA reply."""
+        + (
+            "\n# reject_unauth_pipelining (earlytalker): DATA is refused (503 5.5.0) in a session that"
+            "\n# sent commands ahead of time without PIPELINING."
+            if data_check and not _early_observe(early)
+            else "\n# warn_if_reject reject_unauth_pipelining (earlytalker, observe mode): only logged."
+            if data_check
+            else ""
+        )
+        + f"""
+smtpd_data_restrictions =
+    {data_items}
+
+# END-OF-DATA: karma books each accepted message into its client's history here.
+smtpd_end_of_data_restrictions =
+    {policy}"""
     )
     if kind == "unix":
         print(
@@ -349,6 +362,10 @@ smtpd_recipient_restrictions =
     if "earlytalker" in config.checks:
         print(_earlytalker_lines(config, early, data_check))
     return 0
+
+
+def _early_observe(early: tuple[Any, bool] | None) -> bool:
+    return early is not None and early[1]
 
 
 def _earlytalker_options(config: Config) -> tuple[Any, bool] | None:
@@ -383,23 +400,20 @@ def _earlytalker_lines(config: Config, early: tuple[Any, bool] | None, data_chec
     from mxward.policyd.checks.earlytalker import MASTER_CF_SERVICES, main_cf_settings
 
     options, observe = early
-    mode = " (observe mode: every test only logs)" if observe else ""
     out = [
         "",
-        f"# ---- earlytalker{mode}: clients that talk before the greeting or pipeline without leave",
+        "# ---- earlytalker: clients that talk before the greeting or pipeline without leave",
         "# A policy service never sees those bytes, so Postfix tests them: postscreen(8) before",
         "# the 220 greeting, smtpd(8) after it.",
     ]
+    if observe:
+        out.append("# Observe mode (mode = observe): every test below only logs, nobody is refused.")
     settings = main_cf_settings(options, exempt_networks=config.policyd.exempt.networks, observe=observe)
     for setting in settings:
-        out += [*textwrap.wrap(setting.comment, 94, initial_indent="# ", subsequent_indent="# ")]
+        out += textwrap.wrap(setting.comment, 94, initial_indent="# ", subsequent_indent="# ")
         out.append(_main_cf_line(setting.name, setting.value))
     if data_check:
-        out += [
-            "# DATA is refused (503 5.5.0) in a session that sent commands ahead of time without",
-            "# PIPELINING. For mxward's DATA-stage checks use the combined hook line above instead.",
-            f"smtpd_data_restrictions =\n    {data_check}",
-        ]
+        out.append("# The DATA-time pipelining check is in smtpd_data_restrictions above.")
     if options.postscreen:
         out += [
             "",

@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support.policy_client import MXWARD, PLUGINS, encode, request
+from support.postfix import PostfixConfig, parse_postfix_config
+
+from mxward.shared.cli import main
 
 
 def run(
@@ -80,7 +85,8 @@ def test_an_unknown_check_is_a_config_error(tmp_path: Path, redis_server: Any) -
     """Naming a check nobody provides exits 78 with the known names."""
     out = run(tmp_path, redis_server.url, "config-check", checks='["nosuch"]')
     assert out.returncode == 78
-    assert "unknown check 'nosuch': not built in (greylist)" in out.stderr
+    assert "unknown check 'nosuch': not built in (" in out.stderr
+    assert "greylist" in out.stderr and "karma" in out.stderr
 
 
 def test_greylist_command_lists_allows_and_removes(tmp_path: Path, redis_server: Any) -> None:
@@ -160,3 +166,164 @@ def test_postfix_config_prints_the_policy_service_line(tmp_path: Path, redis_ser
     lines = out.stdout
     assert lines.index("reject_unauth_destination") < lines.index("check_policy_service")
     assert "check_policy_service { inet:127.0.0.1:10077, timeout=13s, { default_action = DUNNO } }" in lines
+
+
+# ---- postfix-config for the earlytalker check (postscreen and pipelining settings)
+
+POLICY = "check_policy_service { inet:127.0.0.1:10040, timeout=15s, { default_action = DUNNO } }"
+EARLYTALKER_DEFAULTS = {
+    "postscreen_access_list": "permit_mynetworks",
+    "postscreen_greet_action": "enforce",
+    "postscreen_greet_wait": "${stress?{2}:{6}}s",
+    "postscreen_greet_banner": "$smtpd_banner",
+    "postscreen_greet_ttl": "1d",
+    "smtpd_forbid_unauth_pipelining": "yes",
+    "smtpd_data_restrictions": f"reject_unauth_pipelining, {POLICY}",
+}
+POSTSCREEN_SERVICES = (
+    "smtp      inet  n       -       n       -       1       postscreen",
+    "smtpd     pass  -       -       n       -       -       smtpd",
+    "dnsblog   unix  -       -       n       -       0       dnsblog",
+    "tlsproxy  unix  -       -       n       -       0       tlsproxy",
+)
+
+
+def earlytalker_postfix_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str, *, checks: str = '["earlytalker"]'
+) -> tuple[str, PostfixConfig]:
+    """Run `mxward postfix-config` in-process on a config with this [checks.earlytalker] table."""
+    config = tmp_path / "mxward.toml"
+    config.write_text(f"[policyd]\nchecks = {checks}\n{table}")
+    assert main(["--config", str(config), "postfix-config"]) == 0
+    out = capsys.readouterr().out
+    return out, parse_postfix_config(out)
+
+
+@dataclass(frozen=True)
+class EarlytalkerCase:
+    table: str  # TOML after [policyd] checks = ["earlytalker"]
+    expected: dict[str, str]  # main.cf settings printed with these values
+    absent: tuple[str, ...] = ()  # main.cf settings not printed
+    services: tuple[str, ...] = POSTSCREEN_SERVICES  # master.cf services printed
+
+
+EARLYTALKER_CASES = {
+    "defaults": EarlytalkerCase("", EARLYTALKER_DEFAULTS),
+    "drop-short-wait-no-teaser": EarlytalkerCase(
+        '[checks.earlytalker]\ngreet_action = "drop"\ngreet_wait = "3s"\nstress_greet_wait = "3s"\n'
+        'greet_banner = false\ngreet_ttl = "12h"\n',
+        {
+            "postscreen_greet_action": "drop",
+            "postscreen_greet_wait": "3s",
+            "postscreen_greet_banner": "",
+            "postscreen_greet_ttl": "12h",
+        },
+    ),
+    "observe-only-logs": EarlytalkerCase(
+        '[checks.earlytalker]\ngreet_action = "drop"\nmode = "observe"\n',
+        {
+            "postscreen_greet_action": "ignore",
+            "smtpd_forbid_unauth_pipelining": "no",
+            "smtpd_data_restrictions": f"warn_if_reject reject_unauth_pipelining, {POLICY}",
+        },
+    ),
+    "smtpd-only-old-postfix": EarlytalkerCase(
+        "[checks.earlytalker]\npostscreen = false\nforbid_unauth_pipelining = false\n",
+        {"smtpd_data_restrictions": f"reject_unauth_pipelining, {POLICY}"},
+        ("postscreen_greet_action", "postscreen_access_list", "smtpd_forbid_unauth_pipelining"),
+        (),
+    ),
+    "no-data-check": EarlytalkerCase(
+        "[checks.earlytalker]\ndata_pipelining_check = false\n",
+        {"smtpd_forbid_unauth_pipelining": "yes", "smtpd_data_restrictions": POLICY},
+    ),
+    "exempt-networks": EarlytalkerCase(
+        '[policyd.exempt]\nnetworks = ["192.0.2.0/24"]\n'
+        '[checks.earlytalker]\nexempt_networks = ["2001:db8::/32", "198.51.100.7"]\n',
+        {
+            "postscreen_access_list": "permit_mynetworks, cidr:{ {192.0.2.0/24 permit}, "
+            "{2001:db8::/32 permit}, {198.51.100.7/32 permit} }"
+        },
+    ),
+    "disabled": EarlytalkerCase(
+        "[checks.earlytalker]\nenabled = false\n",
+        {"smtpd_data_restrictions": POLICY},
+        tuple(k for k in EARLYTALKER_DEFAULTS if k != "smtpd_data_restrictions"),
+        (),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", EARLYTALKER_CASES.values(), ids=EARLYTALKER_CASES.keys())
+def test_postfix_config_prints_the_earlytalker_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: EarlytalkerCase
+) -> None:
+    """With earlytalker listed, the output has postscreen/pipelining main.cf lines and master.cf services."""
+    out, printed = earlytalker_postfix_config(tmp_path, capsys, case.table)
+    for name, value in case.expected.items():
+        assert printed.main_cf.get(name) == value, name
+    for name in case.absent:
+        assert name not in printed.main_cf, name
+    assert printed.master_cf == case.services
+    # the policy service lines stay as they are
+    assert printed.main_cf["smtpd_recipient_restrictions"] == (
+        "reject_unauth_destination, check_policy_service "
+        "{ inet:127.0.0.1:10040, timeout=15s, { default_action = DUNNO } }"
+    )
+    if case.services:
+        assert "replace the public" in out and '"smtpd pass" service' in out
+
+
+def test_postfix_config_without_earlytalker_prints_no_postscreen_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A configuration that does not list earlytalker gets the policy lines only."""
+    out, printed = earlytalker_postfix_config(
+        tmp_path, capsys, "[checks.earlytalker]\n", checks='["greylist"]'
+    )
+    assert "postscreen" not in out
+    assert printed.master_cf == ()
+    assert printed.main_cf["smtpd_data_restrictions"] == POLICY
+    assert printed.main_cf["smtpd_end_of_data_restrictions"] == POLICY
+
+
+def test_postfix_config_shows_the_combined_data_hook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The DATA hook puts reject_unauth_pipelining before the policy service."""
+    out, _ = earlytalker_postfix_config(tmp_path, capsys, "")
+    assert f"smtpd_data_restrictions =\n    reject_unauth_pipelining,\n    {POLICY}\n" in out
+
+
+def test_deploy_snippets_match_the_default_earlytalker_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """deploy/postfix/main.cf.earlytalker and master.cf.postscreen are what postfix-config prints."""
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "postfix"
+    _, printed = earlytalker_postfix_config(tmp_path, capsys, "")
+    snippet = parse_postfix_config((deploy / "main.cf.earlytalker").read_text())
+    assert snippet.main_cf == EARLYTALKER_DEFAULTS
+    policyd = parse_postfix_config((deploy / "main.cf.policyd").read_text())
+    for hook in ("smtpd_data_restrictions", "smtpd_end_of_data_restrictions"):
+        assert policyd.main_cf[hook] == POLICY, hook
+    assert {k: printed.main_cf[k] for k in EARLYTALKER_DEFAULTS} == EARLYTALKER_DEFAULTS
+    master = [
+        line
+        for line in (deploy / "master.cf.postscreen").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert tuple(master) == printed.master_cf
+
+
+def test_check_runs_no_per_request_work_for_earlytalker(tmp_path: Path, redis_server: Any) -> None:
+    """`mxward check` with only earlytalker configured: no check runs, the request gets DUNNO."""
+    out = run(
+        tmp_path,
+        redis_server.url,
+        "check",
+        stdin=encode(request(recipient="early@example.com")).decode(),
+        checks='["earlytalker"]',
+    )
+    assert out.returncode == 0, out.stderr
+    assert "action=DUNNO" in out.stdout
+    assert "earlytalker " not in out.stdout

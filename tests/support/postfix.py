@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_POLICY_ACTION",
     "DeliveredMessage",
+    "PostfixConfig",
     "PostfixError",
     "PostfixInstance",
     "QueuedMessage",
@@ -70,6 +71,7 @@ __all__ = [
     "find_free_port",
     "find_free_ports",
     "find_postfix_tool",
+    "parse_postfix_config",
     "postfix_missing_reason",
     "send_mail",
     "send_mail_async",
@@ -623,6 +625,58 @@ class QueuedMessage:
 
 
 # --------------------------------------------------------------------------------------------
+# Reading `mxward postfix-config` output
+
+_MASTER_MARKER = "# ---- master.cf"
+# name, type, private, unpriv, chroot, wakeup, maxproc, command: a master.cf service line
+_MASTER_SERVICE = re.compile(
+    r"^# ([\w.:\[\]/-]+\s+(?:inet|unix|unix-dgram|fifo|pass)(?:\s+[ny-])(?:\s+[ny-]){2}\s+\S+\s+\S+\s+\S.*)$"
+)
+
+
+@dataclass(frozen=True)
+class PostfixConfig:
+    """What ``mxward postfix-config`` printed: main.cf settings and master.cf services."""
+
+    main_cf: dict[str, str]  # logical lines: continuation lines joined with one space
+    master_cf: tuple[str, ...]  # printed commented out, after the "# ---- master.cf" marker
+
+
+def parse_postfix_config(text: str) -> PostfixConfig:
+    """Split ``mxward postfix-config`` output the way an operator applies it.
+
+    Every uncommented line is main.cf (a line starting with white space continues the one
+    before, as in main.cf); the master.cf services are the commented service lines after the
+    ``# ---- master.cf`` marker.
+    """
+    settings: dict[str, str] = {}
+    services: list[str] = []
+    current = ""
+    in_master = False
+    for line in text.splitlines():
+        if line.startswith(_MASTER_MARKER):
+            in_master = True
+            continue
+        if in_master:
+            if match := _MASTER_SERVICE.match(line):
+                services.append(match.group(1))
+            continue
+        if not line.strip() or line.startswith("#"):
+            continue
+        if line[0].isspace():
+            if not current:
+                raise ValueError(f"continuation line without a parameter: {line!r}")
+            settings[current] = f"{settings[current]} {line.strip()}".strip()
+            continue
+        name, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"not a main.cf line: {line!r}")
+        current = name.strip()
+        settings[current] = value.strip()
+    return PostfixConfig(main_cf=settings, master_cf=tuple(services))
+
+
+# --------------------------------------------------------------------------------------------
 # The instance
 
 
@@ -634,10 +688,27 @@ def _parent_pid(pid: int) -> int | None:
     return int(stat.rpartition(")")[2].split()[1])
 
 
-def _master_cf(smtpd_port: int, extra_lines: Iterable[str]) -> str:
+def _public_service(smtpd_port: int, lines: Sequence[str]) -> list[str]:
+    """The master.cf lines of the public SMTP listener on ``127.0.0.1:<smtpd_port>``.
+
+    Without ``lines`` that is a plain smtpd. Otherwise ``lines`` replace it (for example
+    postscreen in front of smtpd, as ``mxward postfix-config`` prints it): the first line's
+    service name (``smtp``) becomes ``127.0.0.1:<port>``, the other lines are kept as written.
+    """
+    listen = f"{LOOPBACK}:{smtpd_port}"
+    if not lines:
+        return [f"{listen} inet n - n - - smtpd"]
+    fields = lines[0].split()
+    if len(fields) < 8 or fields[1] != "inet":
+        raise PostfixError(f"the first public_service line must be an inet service, not {lines[0]!r}")
+    # the service name (smtp) is replaced: the private instance listens on loopback, on its port
+    return [" ".join([listen, *fields[1:]]), *lines[1:]]
+
+
+def _master_cf(smtpd_port: int, extra_lines: Iterable[str], public_service: Sequence[str] = ()) -> str:
     services = [
         # service type  private unpriv  chroot  wakeup  maxproc command + args
-        f"{LOOPBACK}:{smtpd_port} inet n - n - - smtpd",
+        *_public_service(smtpd_port, public_service),
         "pickup     unix  n - n 60 1 pickup",
         "cleanup    unix  n - n -  0 cleanup",
         "qmgr       unix  n - n 300 1 qmgr",
@@ -684,9 +755,13 @@ class PostfixInstance:
     denied" and applies the default action.
 
     ``extra_main_cf`` overrides or adds main.cf settings (applied last); ``extra_master_cf`` lines
-    are appended to master.cf. ``xclient_hosts`` becomes ``smtpd_authorized_xclient_hosts``.
-    ``local_users`` get Maildirs at ``<user>@local.test``. Set ``MXWARD_KEEP_POSTFIX=1`` to keep
-    the scratch directory (config, maillog, queue) after :meth:`stop`.
+    are appended to master.cf. ``public_service`` replaces the plain smtpd on the public port with
+    other master.cf lines, e.g. postscreen(8) in front of smtpd (``smtp inet n - n - 1
+    postscreen``, ``smtpd pass - - n - - smtpd``, ``dnsblog ...``, ``tlsproxy ...``): the first
+    line's service name becomes ``127.0.0.1:<smtpd_port>``. ``xclient_hosts`` becomes
+    ``smtpd_authorized_xclient_hosts``. ``local_users`` get Maildirs at ``<user>@local.test``.
+    Set ``MXWARD_KEEP_POSTFIX=1`` to keep the scratch directory (config, maillog, queue) after
+    :meth:`stop`.
     """
 
     def __init__(
@@ -704,6 +779,7 @@ class PostfixInstance:
         smtpd_port: int | None = None,
         sink_smtputf8: bool = True,
         start_timeout: float = 20.0,
+        public_service: Sequence[str] = (),
     ) -> None:
         self.policy_service = policy_service
         self.policy_timeout = policy_timeout
@@ -712,6 +788,7 @@ class PostfixInstance:
         self.policy_default_action = policy_default_action
         self.extra_main_cf = dict(extra_main_cf or {})
         self.extra_master_cf = tuple(extra_master_cf)
+        self.public_service = tuple(public_service)
         self.xclient_hosts = xclient_hosts
         self.local_users = tuple(local_users)
         self.start_timeout = start_timeout
@@ -857,7 +934,9 @@ class PostfixInstance:
         settings.update(self.extra_main_cf)
         files = {
             root / "etc" / "main.cf": _render_main_cf(settings),
-            root / "etc" / "master.cf": _master_cf(self.smtpd_port, self.extra_master_cf),
+            root / "etc" / "master.cf": _master_cf(
+                self.smtpd_port, self.extra_master_cf, self.public_service
+            ),
         }
         past = time.time() - 60
         for path, text in files.items():
@@ -924,7 +1003,13 @@ class PostfixInstance:
                 raise PostfixError(f"master(8) exited during start-up\n{self.maillog_tail()}")
             try:
                 with socket.create_connection((LOOPBACK, self.smtpd_port), timeout=2) as conn:
-                    banner = conn.makefile("rb").readline(1024).decode("ascii", "replace")
+                    reader = conn.makefile("rb")
+                    banner = reader.readline(1024).decode("ascii", "replace")
+                    # a multi-line greeting (postscreen's "220-" teaser): read to its last line
+                    for _ in range(10):
+                        if not banner.startswith("220-"):
+                            break
+                        banner = reader.readline(1024).decode("ascii", "replace")
                     if banner.startswith("220 ") and self.token in banner:
                         conn.sendall(b"QUIT\r\n")
                         return
