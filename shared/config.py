@@ -129,7 +129,8 @@ class PolicydSettings:
     workers: int = 0
     allowed_clients: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     socket_mode: str = "0660"
-    checks: tuple[str, ...] = ("greylist",)
+    # Checks that work without site data (no DNS lists, databases or daemons to choose).
+    checks: tuple[str, ...] = ("karma", "helo", "fcrdns", "spf", "greylist")
     reject_stage: str = "rcpt"
     request_deadline: Duration = 10.0
     idle_timeout: Duration = 600.0

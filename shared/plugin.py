@@ -239,7 +239,9 @@ class Check(abc.ABC, Generic[OptionsT]):
     name: ClassVar[str]
     stages: ClassVar[frozenset[Stage]]
     options_type: ClassVar[type[Any]] = NoOptions
-    needs: ClassVar[tuple[str, ...]] = ()
+    # Facts this check reads from checks before it (the pipeline then runs it after them). A
+    # class default that an instance may change from its options in __init__.
+    needs: tuple[str, ...] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     timeout: ClassVar[float] = 5.0
 

@@ -6,4 +6,6 @@ pytest_plugins = [
     "support.dns_fixtures",
     "support.redis_fixtures",
     "support.postfix_fixtures",
+    "support.rbldnsd",
+    "support.p0f_server",
 ]

@@ -64,7 +64,7 @@ Options ([checks.greylist]), besides enabled/timeout/on_error/mode:
     skip_good_karma         bool      true    clients karma counts as good are not greylisted
                                               (needs the karma check)
     skip_dnswl              bool      true    clients listed on a DNSWL are not greylisted
-                                              (needs the dnswl check)
+                                              (needs the dnswl check; its trusted_level)
     skip_countries          list      []      ISO country codes never greylisted, e.g. ["DE"]
                                               (needs the geoip check)
     only_os                 list      []      greylist only clients whose p0f OS matches one of
@@ -76,7 +76,7 @@ Exemptions
     Authenticated clients (``sasl_username``) and ``[policyd.exempt] networks`` are exempted by
     the pipeline before any check runs. Facts from checks that ran earlier in the transaction
     exempt more (each only when that check is in [policyd] checks): ``karma.good``,
-    ``dnswl.listed``, ``geoip.country``, ``p0f.genre``; see the options above. The log says
+    ``dnswl.trusted``, ``geoip.country``, ``p0f.genre``; see the options above. The log says
     which (``allowed=karma``).
 
 Trusted sender pool
@@ -320,7 +320,7 @@ class GreylistCheck(Check[Options]):
         opts = self.options
         if opts.skip_good_karma and facts.get("karma.good"):
             return "karma"
-        if opts.skip_dnswl and facts.get("dnswl.listed"):
+        if opts.skip_dnswl and facts.get("dnswl.trusted"):
             return "dnswl"
         if self._countries and str(facts.get("geoip.country", "")).upper() in self._countries:
             return "country"

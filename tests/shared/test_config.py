@@ -76,7 +76,7 @@ def test_no_file_at_the_default_path_means_built_in_defaults(monkeypatch: pytest
     assert config.path == ""
     assert config.policyd.listen == ("127.0.0.1:10040",)
     assert config.state.url == ""
-    assert list(config.checks) == ["greylist"]
+    assert list(config.checks) == ["karma", "helo", "fcrdns", "spf", "greylist"]
 
 
 def test_environment_variable_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,11 +134,12 @@ def test_errors_name_file_table_key_and_what_is_valid(tmp_path: Path, text: str,
 def test_a_table_for_a_check_no_pipeline_runs_is_validated_and_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """[checks.karma] without karma in [policyd] checks: kept, checked, and named by config-check."""
-    config = load_text(tmp_path, "[checks.karma]\nnegative = 2\n")
-    assert "karma" not in config.checks and config.inactive["karma"].options.negative == 2
+    """[checks.dnsbl] without dnsbl in [policyd] checks: kept, checked, and named by config-check."""
+    config = load_text(tmp_path, '[checks.dnsbl]\nallow_networks = ["192.0.2.0/24"]\n')
+    assert "dnsbl" not in config.checks
+    assert config.inactive["dnsbl"].options.allow_networks == ("192.0.2.0/24",)
     assert main(["--config", str(tmp_path / "mxward.toml"), "config-check"]) == 0
-    assert "configured but not run (not in [policyd] checks): karma" in capsys.readouterr().out
+    assert "configured but not run (not in [policyd] checks): dnsbl" in capsys.readouterr().out
 
 
 def test_a_single_string_is_accepted_where_a_list_is_expected(tmp_path: Path) -> None:

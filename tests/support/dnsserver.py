@@ -14,6 +14,12 @@ with the zone's SOA in the authority section (TTL = min(SOA TTL, minimum), RFC 2
 outside the zones. No wildcards, delegations or DNSSEC. UDP replies larger than 512 bytes (or
 the client's EDNS payload) are sent truncated (TC), so clients retry over TCP.
 
+Forwarding: ``forward(zone, host, port)`` passes every question at or below ``zone`` to another
+DNS server over UDP and relays its reply unchanged (a zone of our own below ``zone`` still
+answers itself), so one test server can serve the test zones and hand DNS list zones to a real
+``rbldnsd``. Faults apply before forwarding; an upstream that does not reply within
+``FORWARD_TIMEOUT`` seconds gives SERVFAIL, as a recursive resolver would.
+
 Faults per name (any type, case-insensitive): ``servfail``, ``refuse``, ``drop`` (no reply: the
 client times out), ``delay`` (seconds before replying), undone by ``heal``. ``queries`` counts
 questions per (name, type) as received, ``tcp_queries`` the ones that came over TCP; names are
@@ -53,6 +59,7 @@ T = TypeVar("T")
 UDP_PLAIN_LIMIT = 512
 TCP_LIMIT = 65535
 MAX_CNAME_CHAIN = 8
+FORWARD_TIMEOUT = 2.0
 _ORIGIN_LINE = re.compile(r"^\$ORIGIN\s+(\S+)", re.IGNORECASE | re.MULTILINE)
 _SOA_RECORD = re.compile(r"^[^;\n]*\bSOA\b", re.IGNORECASE | re.MULTILINE)
 
@@ -99,6 +106,7 @@ class Responder:
         self._refuse: set[dns.name.Name] = set()
         self._drop: set[dns.name.Name] = set()
         self._delay: dict[dns.name.Name, float] = {}
+        self._forwards: dict[dns.name.Name, tuple[str, int]] = {}
         self._queries: Counter[tuple[str, str]] = Counter()
         self._tcp_queries: Counter[tuple[str, str]] = Counter()
         for source in zones:
@@ -118,6 +126,11 @@ class Responder:
                 assert zone.origin is not None
                 for owner in zone.nodes:
                     self._names.update(_names_down_to(owner, zone.origin))
+
+    def forward(self, zone: str, host: str, port: int) -> None:
+        """Pass questions at or below ``zone`` to the DNS server at ``host``:``port`` (UDP)."""
+        with self._lock:
+            self._forwards[dns.name.from_text(zone)] = (host, port)
 
     def servfail(self, name: str) -> None:
         """Answer SERVFAIL to every question about ``name``."""
@@ -198,8 +211,11 @@ class Responder:
         with self._lock:
             if qname in self._drop:
                 return None
-            response = self._answer(query, qname, question.rdtype)
-        return _to_wire(query, response, tcp=tcp)
+            faulty = qname in self._servfail or qname in self._refuse
+            upstream = None if faulty else self._upstream_of(qname)
+            if upstream is None:
+                return _to_wire(query, self._answer(query, qname, question.rdtype), tcp=tcp)
+        return await _relay(query, wire, upstream)
 
     def _answer(
         self, query: dns.message.Message, qname: dns.name.Name, qtype: dns.rdatatype.RdataType
@@ -236,6 +252,17 @@ class Responder:
             zone = next_zone
         return response
 
+    def _upstream_of(self, qname: dns.name.Name) -> tuple[str, int] | None:
+        """The server to forward ``qname`` to, unless one of our own zones is closer to it."""
+        name = qname
+        while True:
+            upstream = self._forwards.get(name)
+            if upstream is not None:
+                return upstream
+            if name in self._zones or name == dns.name.root:
+                return None
+            name = name.parent()
+
     def _zone_of(self, qname: dns.name.Name) -> dns.zone.Zone | None:
         name = qname
         while True:
@@ -266,6 +293,36 @@ def _add_soa(response: dns.message.Message, zone: dns.zone.Zone) -> None:
     response.authority.append(dns.rrset.from_rdata_list(zone.origin, minimum, list(soa)))
 
 
+class _RelayProtocol(asyncio.DatagramProtocol):
+    def __init__(self, reply: asyncio.Future[bytes]) -> None:
+        self.reply = reply
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        if not self.reply.done():
+            self.reply.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(exc)
+
+
+async def _relay(query: dns.message.Message, wire: bytes, upstream: tuple[str, int]) -> bytes:
+    """Ask ``upstream`` the query as it came; its reply, or SERVFAIL when it does not answer."""
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[bytes] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(lambda: _RelayProtocol(reply), remote_addr=upstream)
+    try:
+        transport.sendto(wire)
+        async with asyncio.timeout(FORWARD_TIMEOUT):
+            return await reply
+    except (TimeoutError, OSError):
+        response = dns.message.make_response(query)
+        response.set_rcode(dns.rcode.SERVFAIL)
+        return response.to_wire()
+    finally:
+        transport.close()
+
+
 def _to_wire(query: dns.message.Message, response: dns.message.Message, *, tcp: bool) -> bytes:
     limit = TCP_LIMIT if tcp else max(UDP_PLAIN_LIMIT, query.payload if query.edns >= 0 else 0)
     try:
@@ -284,6 +341,10 @@ class _Controls:
     def add_zone(self, source: ZoneSource) -> None:
         """Serve the zones in ``source`` too."""
         self.responder.add_zone(source)
+
+    def forward(self, zone: str, host: str, port: int) -> None:
+        """Pass questions at or below ``zone`` to the DNS server at ``host``:``port``."""
+        self.responder.forward(zone, host, port)
 
     def servfail(self, name: str) -> None:
         """Answer SERVFAIL for ``name``."""
