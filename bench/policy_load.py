@@ -8,7 +8,8 @@ flight and sends the next one as soon as the reply arrives, as an smtpd process 
 Usage::
 
     policy_load.py 127.0.0.1:10023 [-c 16] [-d 5] [-w 1] [--repeat 5] [--pause 1]
-                   [--pool 0|N] [-n COUNT] [--server-pid PID ...] [--json FILE]
+                   [--pool 0|N] [--start N] [-n COUNT] [--server-pid PID ...]
+                   [--dns-stats HOST:PORT] [--json FILE]
     policy_load.py unix:/path/to/socket ...
 
 Workloads:
@@ -31,12 +32,20 @@ group and in the total (pass a Redis PID as a second ``--server-pid`` to see it 
 run sends exactly COUNT requests instead (no warm-up unless ``-w`` is given, one run unless
 ``--repeat`` is given).
 
-Output: one line per run, then min/median/max over the runs of req/s, p50/p99 latency, server CPU %,
-server CPU µs per request and the generator's own CPU µs per request, and a histogram of the action
-verbs (first word after ``action=``). ``--json FILE`` writes every number. Exit status 1 if the server
-closes a connection, stops answering for ``--timeout`` seconds, or cannot be reached.
+DNS: with ``--dns-stats HOST:PORT`` (the control socket of ``fake_dns.py``, the benchmark's DNS
+server), the questions the DNS server received and the CPU it used are read at the same window edges
+and reported per request: how much DNS the server under test asks for, and what the DNS server cost
+on its core.
 
-The module also serves ``policy_bench.py`` as a library: ``Target``, ``probe`` and ``build_request``.
+Output: one line per run, then min/median/max over the runs of req/s, p50/p99 latency, server CPU %,
+server CPU µs per request and the generator's own CPU µs per request (and DNS questions and DNS
+server CPU per request with ``--dns-stats``), and a histogram of the action verbs (first word after
+``action=``). ``--json FILE`` writes every number. Exit status 1 if the server closes a connection,
+stops answering for ``--timeout`` seconds, or cannot be reached.
+
+The module also serves ``policy_bench.py`` as a library: ``Target``, ``probe``, ``build_request`` and
+the triplet functions (``client_address``, ``client_name``, ``helo_name``, ``sender_domain``) from
+which the benchmark builds its DNS data.
 """
 
 from __future__ import annotations
@@ -107,6 +116,24 @@ def client_address(n: int) -> str:
     return f"198.{18 + net // 256}.{net % 256}.{host + 1}"
 
 
+def client_name(n: int, address: str = "") -> str:
+    """Postfix's ``client_name`` of triplet n: ``unknown`` for one n in ten, else a host name."""
+    if n % 10 == 0:
+        return "unknown"
+    address = address or client_address(n)
+    return f"mail-{address.replace('.', '-')}.static.isp{n % 100}.clients.test"
+
+
+def helo_name(n: int, address: str = "") -> str:
+    """The HELO name of triplet n: its client name, or ``hostN.helo.test`` when that is unknown."""
+    name = client_name(n, address)
+    return f"host{n}.helo.test" if name == "unknown" else name
+
+
+def sender_domain(n: int) -> str:
+    return f"d{n % SENDER_DOMAINS}.senders.test"
+
+
 def request_parts(n: int, address: str = "", user: str = "") -> tuple[bytes, bytes]:
     """The request for triplet n, split around the ``instance`` value: (head, tail).
 
@@ -116,12 +143,8 @@ def request_parts(n: int, address: str = "", user: str = "") -> tuple[bytes, byt
     """
     address = address or client_address(n)
     user = user or f"user{n}"
-    if n % 10 == 0:
-        name = "unknown"
-        helo = f"host{n}.helo.test"
-    else:
-        name = f"mail-{address.replace('.', '-')}.static.isp{n % 100}.clients.test"
-        helo = name
+    name = client_name(n, address)
+    helo = helo_name(n, address)
     head = (
         "request=smtpd_access_policy\n"
         "protocol_state=RCPT\n"
@@ -133,7 +156,7 @@ def request_parts(n: int, address: str = "", user: str = "") -> tuple[bytes, byt
         "server_address=192.0.2.25\n"
         "server_port=25\n"
         f"helo_name={helo}\n"
-        f"sender={user}@d{n % SENDER_DOMAINS}.senders.test\n"
+        f"sender={user}@{sender_domain(n)}\n"
         f"recipient={user}@example.test\n"
         "recipient_count=0\n"
         "queue_id=\n"
@@ -272,6 +295,16 @@ def own_cpu_seconds() -> float:
     return times.user + times.system
 
 
+def dns_counters(address: str, timeout: float = 2.0) -> tuple[int, float]:
+    """(questions received, CPU seconds) of ``fake_dns.py``, asked at its control ``host:port``."""
+    target = Target.parse(address)
+    with socket.socket(socket.AF_INET6 if ":" in target.host else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(b"stats", (target.host, target.port))
+        document = json.loads(sock.recv(65536))
+    return int(document["queries"]), float(document["cpu_s"])
+
+
 # endregion
 # region #### load ####
 
@@ -400,6 +433,8 @@ class RunResult:
     gen_cpu_pct: float
     gen_cpu_us_per_req: float
     actions: dict[str, int] = field(default_factory=dict)
+    dns_queries_per_req: float = float("nan")  # with --dns-stats: questions the DNS server received
+    dns_cpu_us_per_req: float = float("nan")  # and the DNS server's CPU
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -443,6 +478,7 @@ async def watchdog(load: Load, timeout: float) -> None:
 async def measured_run(load: Load, args: argparse.Namespace) -> RunResult:
     load.latencies = []
     load.actions = {}
+    dns0 = dns_counters(args.dns_stats) if args.dns_stats else (0, 0.0)
     server0 = tree_cpu_seconds(args.server_pid) if args.server_pid else []
     gen0 = own_cpu_seconds()
     t0 = time.perf_counter()
@@ -459,6 +495,7 @@ async def measured_run(load: Load, args: argparse.Namespace) -> RunResult:
     t1 = time.perf_counter()
     gen1 = own_cpu_seconds()
     server1 = tree_cpu_seconds(args.server_pid) if args.server_pid else []
+    dns1 = dns_counters(args.dns_stats) if args.dns_stats else (0, 0.0)
     if load.error is not None:
         raise load.error
     seconds = t1 - t0
@@ -484,6 +521,8 @@ async def measured_run(load: Load, args: argparse.Namespace) -> RunResult:
         gen_cpu_pct=100 * (gen1 - gen0) / seconds,
         gen_cpu_us_per_req=per_request(gen1 - gen0, requests),
         actions={k.decode(errors="replace"): v for k, v in sorted(load.actions.items())},
+        dns_queries_per_req=(dns1[0] - dns0[0]) / requests if args.dns_stats else float("nan"),
+        dns_cpu_us_per_req=per_request(dns1[1] - dns0[1], requests) if args.dns_stats else float("nan"),
     )
 
 
@@ -497,9 +536,10 @@ def format_run(label: str, r: RunResult) -> str:
     cpu = f"server CPU {r.server_cpu_pct:5.1f} % {r.server_cpu_us_per_req:7.1f} µs/req" if r.groups else ""
     if len(r.groups) > 1:
         cpu += " (" + " + ".join(f"{g['cpu_us_per_req']:.1f}" for g in r.groups) + ")"
+    dns = "" if math.isnan(r.dns_queries_per_req) else f"  dns {r.dns_queries_per_req:.2f} q/req"
     return (
         f"{label}: {r.req_s:9.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  {cpu}"
-        f"  gen {r.gen_cpu_us_per_req:5.1f} µs/req  [{format_actions(r.actions)}]"
+        f"  gen {r.gen_cpu_us_per_req:5.1f} µs/req{dns}  [{format_actions(r.actions)}]"
     )
 
 
@@ -511,6 +551,8 @@ SUMMARY_METRICS = (
     ("server_cpu_us_per_req", "server CPU µs/req", "{:.1f}"),
     ("gen_cpu_pct", "generator CPU %", "{:.1f}"),
     ("gen_cpu_us_per_req", "generator CPU µs/req", "{:.1f}"),
+    ("dns_queries_per_req", "DNS queries/req", "{:.2f}"),
+    ("dns_cpu_us_per_req", "DNS server CPU µs/req", "{:.1f}"),
 )
 
 
@@ -541,6 +583,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"{'':22} {'min':>10} {'median':>10} {'max':>10}")
     for key, title, fmt in SUMMARY_METRICS:
         s = summary[key]
+        if math.isnan(s["median"]):
+            continue  # not measured (DNS counters without --dns-stats)
         print(f"{title:22} " + " ".join(f"{fmt.format(s[k]):>10}" for k in ("min", "median", "max")))
     for group in summary["groups"]:
         print(
@@ -639,6 +683,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="auto: uvloop if installed"
+    )
+    parser.add_argument(
+        "--dns-stats",
+        metavar="HOST:PORT",
+        help="control address of fake_dns.py: count its questions and CPU per request in each run",
     )
     parser.add_argument("--json", metavar="FILE", help="write all numbers to FILE")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the per-run lines")
