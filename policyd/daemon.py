@@ -2,7 +2,8 @@
 
 The supervisor (this process) binds the listening sockets, starts the embedded state server
 when no ``[state] url`` is configured, and forks ``[policyd] workers`` processes (default: one
-per core) that share the sockets. It then only watches:
+per core). Each worker accepts on its own socket of a SO_REUSEPORT group per TCP address, so
+the kernel spreads connections evenly (a unix socket is shared). It then only watches:
 
 * SIGTERM / SIGINT: tell the workers to stop accepting and finish the requests in progress
   (``shutdown_grace``), then stop the embedded state server;
@@ -51,36 +52,61 @@ log = logging.getLogger("mxward.policyd")
 ConfigLoader = Callable[[], Config]
 
 
-def bind_sockets(config: Config) -> list[socket.socket]:
-    """Create the listening sockets of ``[policyd] listen`` (in the supervisor, before forking)."""
-    sockets: list[socket.socket] = []
-    settings = config.policyd
-    for address in settings.listen:
-        kind, host, port = parse_listen(address)
-        if kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(host).st_mode):
-                    os.unlink(host)
-            os.makedirs(os.path.dirname(host) or ".", exist_ok=True)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(host)
-            os.chmod(host, int(settings.socket_mode, 8))
-        else:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, _, _, _, sockaddr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(sockaddr)
-            except OSError as exc:
-                sock.close()
-                raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+def bind_sockets(config: Config, copies: int = 1) -> list[list[socket.socket]]:
+    """Create the listening sockets of ``[policyd] listen`` (in the supervisor, before forking).
+
+    Returns one list per worker slot. A TCP address gets ``copies`` sockets in one
+    SO_REUSEPORT group, one per worker, so the kernel spreads new connections evenly over the
+    workers (with one shared socket, whichever worker wakes first takes a whole burst). A unix
+    socket is shared by all workers.
+    """
+    slots: list[list[socket.socket]] = [[] for _ in range(copies)]
+    for address in config.policyd.listen:
+        group = _bind_one(config, address, copies)
+        for slot, sock in zip(slots, group if len(group) == copies else group * copies, strict=True):
+            slot.append(sock)
+    return slots
+
+
+def _bind_one(config: Config, address: str, copies: int) -> list[socket.socket]:
+    """The sockets of one listen address: ``copies`` for TCP (SO_REUSEPORT), else one."""
+    kind, host, port = parse_listen(address)
+    if kind == "unix":
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(host).st_mode):
+                os.unlink(host)
+        os.makedirs(os.path.dirname(host) or ".", exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(host)
+        os.chmod(host, int(config.policyd.socket_mode, 8))
         sock.listen(1024)
         sock.setblocking(False)  # noqa: FBT003 - the socket API's own signature
-        sockets.append(sock)
-    return sockets
+        return [sock]
+    if copies == 1 or not hasattr(socket, "SO_REUSEPORT"):
+        return [_bind_inet(address, host, port, reuseport=False)]
+    # A probe without SO_REUSEPORT first: if anyone holds the port (another mxward, say), this
+    # fails, instead of our group silently sharing the port with it.
+    _bind_inet(address, host, port, reuseport=False).close()
+    return [_bind_inet(address, host, port, reuseport=True) for _ in range(copies)]
+
+
+def _bind_inet(address: str, host: str, port: int, *, reuseport: bool) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)  # noqa: FBT003 - the socket API's own signature
+    return sock
 
 
 @dataclasses.dataclass
@@ -270,29 +296,29 @@ def _restart_only_fields(old: Config, new: Config) -> list[str]:
 
 def run_policyd(config: Config, load: ConfigLoader) -> int:
     """Run the supervisor until SIGTERM/SIGINT; returns the exit status."""
-    sockets = bind_sockets(config)
+    workers = config.policyd.workers or os.cpu_count() or 1
+    slots = bind_sockets(config, workers)
     embedded: EmbeddedServer | None = None
     embedded_socket: str | None = None
     if not config.state.url:
         embedded = EmbeddedServer(config.data_dir, config.state.embedded_binary)
         embedded_socket = embedded.start()
         log.info("embedded state server on %s", embedded_socket)
-    workers = config.policyd.workers or os.cpu_count() or 1
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    children: dict[int, float] = {}
+    children: dict[int, tuple[float, int]] = {}
 
-    def spawn() -> None:
+    def spawn(slot: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = _worker_main(config, load, sockets, embedded_socket)
+                code = _worker_main(config, load, slots[slot], embedded_socket)
             finally:
                 logging.shutdown()
                 os._exit(code)
-        children[pid] = time.monotonic()
+        children[pid] = (time.monotonic(), slot)
 
     log.info(
         "mxward policyd starting: %d workers, listening on %s, config %s",
@@ -300,8 +326,8 @@ def run_policyd(config: Config, load: ConfigLoader) -> int:
         ", ".join(config.policyd.listen),
         config.path or "built-in defaults",
     )
-    for _ in range(workers):
-        spawn()
+    for slot in range(workers):
+        spawn(slot)
     stopping = False
     status = 0
     kill_at = 0.0
@@ -335,16 +361,17 @@ def run_policyd(config: Config, load: ConfigLoader) -> int:
                     break
                 if pid == 0:
                     break
-                born = children.pop(pid, None)
-                if born is None:
+                child = children.pop(pid, None)
+                if child is None:
                     continue
+                born, slot = child
                 code = os.waitstatus_to_exitcode(wstatus)
                 if stopping:
                     continue
                 log.error("worker %d exited with status %d; starting a new one", pid, code)
                 if time.monotonic() - born < 1.0:
                     time.sleep(1.0)
-                spawn()
+                spawn(slot)
             if stopping and children and time.monotonic() > kill_at:
                 for pid in list(children):
                     log.warning("worker %d did not stop in time; killing it", pid)
@@ -352,7 +379,7 @@ def run_policyd(config: Config, load: ConfigLoader) -> int:
                         os.kill(pid, signal.SIGKILL)
                 kill_at = time.monotonic() + 5.0
     finally:
-        for sock in sockets:
+        for sock in {id(sock): sock for slot in slots for sock in slot}.values():
             if sock.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError):
                     os.unlink(sock.getsockname())

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.policy_client import PolicyClient, request, running, write_config
+from support.policy_client import MXWARD, PolicyClient, request, running, write_config
 
 
 def test_many_requests_on_one_connection_are_answered_in_order(tmp_path: Path, redis_server: Any) -> None:
@@ -209,3 +211,41 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path, redis_server: Any) -> None
         )
         assert out.returncode == 1
         assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_connections_are_spread_over_the_workers(tmp_path: Path, redis_server: Any) -> None:
+    """Each worker accepts on its own SO_REUSEPORT socket: a burst does not land on one worker."""
+    config, log, address = write_config(tmp_path, redis_server.url)
+    with running(config, log, address) as daemon:
+        clients = [PolicyClient(address) for _ in range(24)]
+        try:
+            for client in clients:
+                client.__enter__()
+                assert client.ask(request(recipient="postmaster@example.com")) == "DUNNO"
+            port = address.rsplit(":", 1)[1]
+            owners = subprocess.run(
+                ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            pids = {int(pid) for pid in re.findall(r"pid=(\d+)", owners)}
+            assert pids == set(daemon.workers()), owners
+        finally:
+            for client in clients:
+                client.__exit__(None, None, None)
+
+
+def test_a_second_daemon_on_the_same_port_refuses_to_start(tmp_path: Path, redis_server: Any) -> None:
+    """The port is probed without SO_REUSEPORT first, so nobody silently shares it."""
+    config, log, address = write_config(tmp_path, redis_server.url)
+    with running(config, log, address):
+        out = subprocess.run(
+            [MXWARD, "--config", str(config), "policyd"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert out.returncode != 0
+        assert f"cannot listen on {address}" in out.stdout + out.stderr
