@@ -65,6 +65,7 @@ import asyncio
 import ipaddress
 import logging
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -349,16 +350,42 @@ class Resolver:
 
     # -- the generic question --------------------------------------------------------------
 
+    def cached(self, name: str, rdtype: str) -> Answer | None:
+        """The cached answer to this question, or None: never asks the network.
+
+        For callers that cannot wait (a synchronous library such as pyspf asking from inside
+        the event loop). Raises DnsError for a name that is not valid DNS syntax.
+        """
+        now = self._clock.monotonic()
+        key = _plain_key(name, rdtype)
+        if key is not None:
+            cached = self._cache.get(key, now)
+            if cached is not None:
+                return self._hit(cached)
+        qname, qtype = _question(name, rdtype)
+        cached = self._cache.get(_full_key(qname, qtype), now)
+        return self._hit(cached) if cached is not None else None
+
+    def _hit(self, answer: Answer) -> Answer:
+        self.stats.cache_hits += 1
+        if not answer.records:
+            self.stats.negative_hits += 1
+        return answer
+
     async def query(self, name: str, rdtype: str) -> Answer:
         """Ask for ``rdtype`` records of ``name``, through the cache and the in-flight table."""
+        now = self._clock.monotonic()
+        key = _plain_key(name, rdtype)
+        if key is not None:
+            # A cache hit on a plain name costs no dnspython parsing (the common case).
+            cached = self._cache.get(key, now)
+            if cached is not None:
+                return self._hit(cached)
         qname, qtype = _question(name, rdtype)
-        key = (qname.to_text(omit_final_dot=True).lower(), dns.rdatatype.to_text(qtype))
-        cached = self._cache.get(key, self._clock.monotonic())
+        key = _full_key(qname, qtype)
+        cached = self._cache.get(key, now)
         if cached is not None:
-            self.stats.cache_hits += 1
-            if not cached.records:
-                self.stats.negative_hits += 1
-            return cached
+            return self._hit(cached)
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._fetch(key, qname, qtype))
@@ -471,6 +498,24 @@ def _question(name: str, rdtype: str) -> tuple[dns.name.Name, dns.rdatatype.Rdat
     except dns.exception.DNSException as exc:
         raise DnsError(f"invalid domain name {name!r}: {exc}") from exc
     return qname, qtype
+
+
+def _full_key(qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> _Key:
+    return (qname.to_text(omit_final_dot=True).lower(), dns.rdatatype.to_text(qtype))
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+
+
+def _plain_key(name: str, rdtype: str) -> _Key | None:
+    """The cache key of a name made of letters, digits, "-" and "_" only, without dnspython.
+
+    Such a name is written the same way by dnspython (nothing to escape), so the key equals
+    :func:`_full_key`'s; any other name returns None and takes the full path.
+    """
+    if _PLAIN_NAME.fullmatch(name) is None:
+        return None
+    return (name.rstrip(".").lower(), rdtype.upper())
 
 
 def _name_text(name: dns.name.Name) -> str:

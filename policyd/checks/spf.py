@@ -16,11 +16,14 @@ What and why
     The evaluation is pyspf's (the reference implementation, also used by spf-engine),
     including the processing limits of section 4.6.4: at most 10 mechanisms and modifiers
     that cause DNS lookups and at most 2 lookups that find nothing ("void"), else
-    ``permerror``. pyspf is synchronous, so each evaluation runs in a bounded thread pool
-    (``max_threads``) and every DNS question it asks is handed to the event loop's resolver
-    (the ``[dns]`` nameservers, timeouts and cache); the thread waits for the answer, the
-    event loop never waits for pyspf. A question that fails (SERVFAIL, timeout) or an
-    evaluation that runs out of ``lookup_time`` gives ``temperror``.
+    ``permerror``. pyspf asks its DNS questions synchronously; mxward answers them from its
+    resolver (the ``[dns]`` nameservers, timeouts and cache) without ever letting pyspf wait:
+    pyspf runs on the event loop with the answers the resolver has cached, and a question
+    that is not cached yet ends that pass. The questions are then asked of the resolver (the
+    loop serves other requests meanwhile) and pyspf runs again, until a pass finds every
+    answer. With a warm cache that is one pass of pure computation (tens of microseconds);
+    no threads are involved. A question that fails (SERVFAIL, timeout) or an evaluation that
+    runs out of ``lookup_time`` gives ``temperror``.
 
 Results and actions
     Each result has an action and a score. The action is one of ``reject`` (``550 5.7.23``,
@@ -80,8 +83,6 @@ Options ([checks.spf]), besides enabled/timeout/on_error/mode:
                                               [mxward] hostname
     lookup_time             duration  "8s"    budget for one whole evaluation (all its DNS
                                               questions); keep the check's timeout above it
-    max_threads             int       8       evaluations running at once per worker process;
-                                              more wait for a free thread
 
 Facts provided
     ``spf.result``: pass | fail | softfail | neutral | none | permerror | temperror;
@@ -101,8 +102,8 @@ Failure behaviour
     ERROR, score ``temperror_score`` (0), mail accepted unless ``temperror_action = "defer"``
     (or ``on_error = "tempfail"``, which answers ``451 4.3.0``). A broken record is the
     sender's problem (``permerror``, verdict FAIL) but accepted by default. When the pipeline
-    cuts the check off (its ``timeout`` or the request deadline), the evaluation thread stops
-    at its next DNS question.
+    cuts the check off (its ``timeout`` or the request deadline), the questions it was
+    waiting for are abandoned with it.
 
 RFCs: RFC 7208 (SPF: 2.3, 2.4 identities, 4.3 domain validity, 4.6.4 limits, 6.2 exp, 8 results,
 9.1 Received-SPF), RFC 7372 (5.7.23, 5.7.24, 4.7.24), RFC 8601 (Authentication-Results), RFC 5322
@@ -112,19 +113,17 @@ RFCs: RFC 7208 (SPF: 2.3, 2.4 identities, 4.3 domain validity, 4.6.4 limits, 6.2
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import math
 import re
 import string
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal
 
 import spf  # type: ignore[import-untyped]
 
-from mxward.shared.dns import DnsError, DnsTempError, Resolver
+from mxward.shared.dns import Answer, DnsError, DnsTempError, Resolver
 from mxward.shared.matchers import DomainList
 from mxward.shared.netutil import NetworkList
 from mxward.shared.plugin import Action, Check, IPAddress, Result, Services, Stage, Transaction, Verdict
@@ -163,7 +162,6 @@ class Options:
     header_type: Literal["received-spf", "authentication-results", "none"] = "received-spf"
     authserv_id: str = ""
     lookup_time: Duration = 8.0
-    max_threads: int = 8
 
     def __post_init__(self) -> None:
         for result in RESULTS:
@@ -172,8 +170,6 @@ class Options:
                 raise ValueError(f"{result}_score must be a finite number, got {score!r}")
         if not (math.isfinite(self.lookup_time) and 0 < self.lookup_time <= 60):
             raise ValueError("lookup_time must be more than 0 and at most 60 seconds")
-        if not 1 <= self.max_threads <= 256:
-            raise ValueError("max_threads must be 1..256")
         try:
             fields = {name for _, name, _, _ in string.Formatter().parse(self.reply_text) if name}
         except ValueError as exc:
@@ -265,79 +261,88 @@ class Evaluation:
 # pyspf's DNS: questions from the evaluation thread, answered by the event loop's resolver
 
 
-class _Lookups:
-    """The DNS questions of one evaluation, each asked of ``resolver`` on ``loop``.
+_PySpfAnswer = list[tuple[tuple[str, str], Any]]
+_MAX_PASSES: Final = 128  # pyspf asks at most 10 lookup mechanisms, each up to 10 MX hosts
 
-    Runs in the evaluation thread: each question is submitted to the loop and waited for, at
-    most until ``deadline`` (``time.monotonic()``). :meth:`cancel` (from the loop) makes the
-    waiting question and every later one a TempError, so an abandoned thread ends soon.
+
+class _Lookups:
+    """The DNS answers of one evaluation, for pyspf running on the event loop.
+
+    pyspf asks synchronously (:meth:`lookup`). An answer fetched earlier for this evaluation,
+    or one in the resolver's cache, is returned at once; any other question is noted in
+    ``missing`` and answered with a TempError, which ends pyspf's pass. :meth:`fetch` then asks
+    the noted questions of the resolver, concurrently, and the caller runs pyspf again. A
+    question that failed (SERVFAIL, timeout) stays a TempError for the rest of the evaluation.
     """
 
-    def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+    def __init__(self, resolver: Resolver) -> None:
         self._resolver = resolver
-        self._loop = loop
-        self._deadline = deadline
-        self._cancelled = threading.Event()
-        self._pending: concurrent.futures.Future[list[tuple[tuple[str, str], Any]]] | None = None
+        self._answers: dict[tuple[str, str], _PySpfAnswer] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+        self.missing: dict[tuple[str, str], tuple[str, str]] = {}
 
-    def cancel(self) -> None:
-        self._cancelled.set()
-        pending = self._pending
-        if pending is not None:
-            pending.cancel()
-
-    def lookup(self, name: str, qtype: str, timeout: float) -> list[tuple[tuple[str, str], Any]]:
-        if self._cancelled.is_set():
-            raise spf.TempError("DNS: evaluation abandoned")
-        remaining = min(self._deadline - time.monotonic(), timeout)
-        if remaining <= 0:
-            raise spf.TempError("DNS: lookup time exceeded")
-        question = self._ask(name, qtype)
-        try:
-            future = asyncio.run_coroutine_threadsafe(question, self._loop)
-        except RuntimeError:  # the event loop is closed: the daemon is stopping
-            question.close()
-            raise spf.TempError("DNS: evaluation abandoned") from None
-        self._pending = future
-        if self._cancelled.is_set():  # cancel() ran between the first test and now
-            future.cancel()
-        try:
-            return future.result(remaining)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise spf.TempError(f"DNS: no answer for {name}/{qtype} in time") from None
-        except concurrent.futures.CancelledError:
-            raise spf.TempError("DNS: evaluation abandoned") from None
-        except DnsTempError as exc:
-            raise spf.TempError(f"DNS {exc.reason}: {exc}") from None
-        finally:
-            self._pending = None
-
-    async def _ask(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
-        """pyspf's answer format: ``((name, type), value)`` per record."""
+    def lookup(self, name: str, qtype: str, timeout: float) -> _PySpfAnswer:
         if qtype not in ("A", "AAAA", "MX", "PTR", "TXT"):
             return []  # type SPF (99) is asked only in pyspf's "harsh" mode, which we do not use
+        key = (name.rstrip(".").lower(), qtype)
+        found = self._answers.get(key)
+        if found is not None:
+            return found
+        reason = self._failed.get(key)
+        if reason is not None:
+            raise spf.TempError(f"DNS {reason}: {name}/{qtype}")
         try:
-            answer = await self._resolver.query(name, qtype)
-        except DnsTempError:
-            raise
+            answer = self._resolver.cached(name, qtype)
         except DnsError:
-            return []  # a name that is not valid DNS syntax: nothing there
-        key = (name, qtype)
-        if qtype == "TXT":
-            return [(key, (record.encode("utf-8"),)) for record in answer.records]
-        if qtype == "MX":
-            pairs = (record.partition(" ") for record in answer.records)
-            return [(key, (int(preference), host)) for preference, _, host in pairs]
-        return [(key, record) for record in answer.records]
+            answer = Answer(records=(), ttl=0.0)  # not valid DNS syntax: nothing there
+        if answer is not None:
+            found = self._answers[key] = _pyspf_answer(name, qtype, answer)
+            return found
+        self.missing[key] = (name, qtype)
+        raise spf.TempError(f"DNS: {name}/{qtype} not cached yet")
+
+    async def fetch(self) -> None:
+        """Ask the resolver the questions the last pass missed."""
+        missing = list(self.missing.items())  # kept until answered: give_up() needs them
+        answers = await asyncio.gather(
+            *(self._resolver.query(name, qtype) for _, (name, qtype) in missing), return_exceptions=True
+        )
+        for (key, (name, qtype)), answer in zip(missing, answers, strict=True):
+            if isinstance(answer, DnsTempError):
+                self._failed[key] = answer.reason
+            elif isinstance(answer, DnsError):
+                self._answers[key] = []
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                self._answers[key] = _pyspf_answer(name, qtype, answer)
+        self.missing.clear()
+
+    def give_up(self, reason: str) -> None:
+        """Turn every missing question into a failure (out of time or passes)."""
+        for key in self.missing:
+            self._failed[key] = reason
+        self.missing.clear()
+
+
+def _pyspf_answer(name: str, qtype: str, answer: Answer) -> _PySpfAnswer:
+    """pyspf's answer format: ``((name, type), value)`` per record."""
+    key = (name, qtype)
+    if qtype == "TXT":
+        return [(key, (record.encode("utf-8"),)) for record in answer.records]
+    if qtype == "MX":
+        pairs = (record.partition(" ") for record in answer.records)
+        return [(key, (int(preference), host)) for preference, _, host in pairs]
+    return [(key, record) for record in answer.records]
 
 
 class _DnsHook:
     """pyspf looks its DNS function up in a module global (``spf.DNSLookup``) at every question.
 
     It is replaced once by :meth:`dispatch`, which answers through the :class:`_Lookups` of the
-    evaluation running in the current thread, and calls the function it replaced for any other
-    thread, so other users of pyspf in this process keep their own DNS.
+    evaluation running now (set by :meth:`run` for the duration of one synchronous pass), and
+    calls the function it replaced otherwise (another thread, or pyspf used outside a check),
+    so other users of pyspf in this process keep their own DNS.
     """
 
     def __init__(self) -> None:
@@ -500,23 +505,7 @@ class SpfCheck(Check[Options]):
         self._receiver = one_line(services.hostname, 253, ascii_only=True) or "localhost"
         authserv = options.authserv_id or services.hostname
         self._authserv = authserv if _AUTHSERV_ID.fullmatch(authserv) else ar_value(authserv)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._running: set[_Lookups] = set()
         _HOOK.install()
-
-    async def aclose(self) -> None:
-        for lookups in self._running:
-            lookups.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.options.max_threads, thread_name_prefix="mxward-spf"
-            )
-        return self._pool
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -528,25 +517,32 @@ class SpfCheck(Check[Options]):
         (then the evaluation is that domain's pass and nothing else was checked).
         """
         loop = asyncio.get_running_loop()
-        budget = self.options.lookup_time
-        lookups = _Lookups(self.services.dns, loop, time.monotonic() + budget)
-        work = _Plan(
-            ip=str(ip),
-            sender=sender,
-            helo=helo,
-            receiver=self._receiver,
-            budget=budget,
-            allow=self._allow,
-            helo_always=self.options.check_helo == "always",
-        )
-        self._running.add(lookups)
-        try:
-            evaluation = await loop.run_in_executor(self._executor(), _HOOK.run, lookups, work.run)
-        except asyncio.CancelledError:
-            lookups.cancel()  # the thread stops at its current or next DNS question
-            raise
-        finally:
-            self._running.discard(lookups)
+        deadline = loop.time() + self.options.lookup_time
+        lookups = _Lookups(self.services.dns)
+        for passes in range(1, _MAX_PASSES + 1):
+            work = _Plan(
+                ip=str(ip),
+                sender=sender,
+                helo=helo,
+                receiver=self._receiver,
+                budget=self.options.lookup_time,
+                allow=self._allow,
+                helo_always=self.options.check_helo == "always",
+            )
+            evaluation = _HOOK.run(lookups, work.run)
+            if not lookups.missing:
+                break
+            remaining = deadline - loop.time()
+            if passes == _MAX_PASSES - 1:
+                lookups.give_up("too many lookups")
+            elif remaining <= 0:
+                lookups.give_up("lookup time exceeded")
+            else:
+                try:
+                    async with asyncio.timeout(remaining):
+                        await lookups.fetch()
+                except TimeoutError:
+                    lookups.give_up(f"no answer in time (lookup_time {self.options.lookup_time:g}s)")
         return evaluation, work.helo_result, work.allowed_by
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
@@ -649,7 +645,7 @@ class SpfCheck(Check[Options]):
 
 @dataclass(kw_only=True)
 class _Plan:
-    """The evaluations of one message, run in the evaluation thread."""
+    """The evaluations of one message: one synchronous pass (see :class:`_Lookups`)."""
 
     ip: str
     sender: str
