@@ -39,7 +39,8 @@ spf-engine  ``policyd-spf`` (Debian's postfix-policyd-spf-python, its Debian def
             behind ``socat TCP-LISTEN:PORT,fork EXEC:'policyd-spf CONF',nofork``: one process per
             connection, as Postfix's spawn(8) runs it. spf only.
 mxward      a private ``redis-server`` on a unix socket (no TCP, no persistence), then
-            ``mxward --config FILE policyd`` with ``workers = 2``: ``checks = ["greylist"]`` for new
+            ``mxward --config FILE policyd`` with ``workers = 0`` (one per core it may use: 2
+            unpinned, 1 pinned to core 0): ``checks = ["greylist"]`` for new
             and known, ``["spf"]`` for spf, the full pipeline for full (check settings from
             ``data/full-pipeline.toml``). The CPU of the whole mxward process tree is counted, and
             Redis's CPU is reported both included and apart.
@@ -1026,7 +1027,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="fail after this many s without reply")
     parser.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to start a server (30)")
-    parser.add_argument("--workers", type=int, default=2, help="mxward policyd workers (2)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="mxward policyd workers (0: mxward's default, one per core it may run on: 1 when pinned)",
+    )
     parser.add_argument(
         "--full-checks",
         action="append",

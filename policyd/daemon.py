@@ -2,7 +2,7 @@
 
 The supervisor (this process) binds the listening sockets, starts the embedded state server
 when no ``[state] url`` is configured, and forks ``[policyd] workers`` processes (default: one
-per core). Each worker accepts on its own socket of a SO_REUSEPORT group per TCP address, so
+per core it may run on). Each worker accepts on its own socket of a SO_REUSEPORT group per TCP address, so
 the kernel spreads connections evenly (a unix socket is shared). It then only watches:
 
 * SIGTERM / SIGINT: tell the workers to stop accepting and finish the requests in progress
@@ -50,6 +50,14 @@ __all__ = ["Runtime", "bind_sockets", "build_pipeline", "open_runtime", "run_pol
 log = logging.getLogger("mxward.policyd")
 
 ConfigLoader = Callable[[], Config]
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (taskset, cgroups' cpusets), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def bind_sockets(config: Config, copies: int = 1) -> list[list[socket.socket]]:
@@ -296,7 +304,7 @@ def _restart_only_fields(old: Config, new: Config) -> list[str]:
 
 def run_policyd(config: Config, load: ConfigLoader) -> int:
     """Run the supervisor until SIGTERM/SIGINT; returns the exit status."""
-    workers = config.policyd.workers or os.cpu_count() or 1
+    workers = config.policyd.workers or usable_cores()
     slots = bind_sockets(config, workers)
     embedded: EmbeddedServer | None = None
     embedded_socket: str | None = None

@@ -134,7 +134,7 @@ class PolicyService:
                 if results:
                     facts = {k: v for r in results if r.facts for k, v in r.facts.items()}
                     if facts:
-                        run_tx = tx.with_stage(stage, facts)
+                        run_tx = tx.with_facts(facts)
                 results.extend(await pipeline.run((stage,), run_tx, deadline))
         elif exempt == "recipient" and tx.instance:
             self._message(tx.instance).spared = True

@@ -171,7 +171,8 @@ class Transaction:
 
     Values come from Postfix unchanged (``sender`` is empty for the null sender ``<>``).
     ``attrs`` holds every attribute of the policy request; ``facts`` holds what earlier checks
-    of this transaction provided.
+    of this transaction provided. ``stage`` is the stage of the request (its protocol_state);
+    the stage a check is run for is the ``stage`` argument of :meth:`Check.check`.
     """
 
     stage: Stage
@@ -190,8 +191,8 @@ class Transaction:
     attrs: Mapping[str, str] = field(default_factory=dict)
     facts: Mapping[str, LogValue] = field(default_factory=dict)
 
-    def with_stage(self, stage: Stage, facts: Mapping[str, LogValue]) -> Transaction:
-        return dataclasses.replace(self, stage=stage, facts=facts)
+    def with_facts(self, facts: Mapping[str, LogValue]) -> Transaction:
+        return dataclasses.replace(self, facts=facts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -425,11 +425,13 @@ _MAX_EXPLANATION: Final = 200
 
 def one_line(text: str, limit: int, *, ascii_only: bool = False) -> str:
     """``text`` as one printable line of at most ``limit`` characters."""
-    if ascii_only:
-        text = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
-    elif not text.isprintable():
-        text = "".join(ch if ch.isprintable() else " " for ch in text)
-    text = " ".join(text.split())
+    if not (text.isascii() and text.isprintable()):  # the common case needs no rewriting
+        if ascii_only:
+            text = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+        else:
+            text = "".join(ch if ch.isprintable() else " " for ch in text)
+    if "  " in text or text[:1] == " " or text[-1:] == " ":
+        text = " ".join(text.split())
     if len(text) > limit:
         text = text[: limit - 3].rstrip() + "..."
     return text
