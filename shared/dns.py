@@ -247,6 +247,10 @@ class _TtlCache:
         self._entries.move_to_end(key)
         return answer
 
+    def peek(self, key: _Key, now: float) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry[0] > now
+
     def put(self, key: _Key, answer: Answer, now: float) -> None:
         if self._size == 0 or answer.ttl <= 0:
             return
@@ -299,6 +303,8 @@ class Resolver:
 
         Raises DnsTempError when either question fails for a temporary reason.
         """
+        if self.is_cached(name, "A") and self.is_cached(name, "AAAA"):
+            return [*await self.a(name), *await self.aaaa(name)]
         results = await asyncio.gather(self.a(name), self.aaaa(name), return_exceptions=True)
         addresses: list[str] = []
         for result in results:
@@ -365,6 +371,22 @@ class Resolver:
         qname, qtype = _question(name, rdtype)
         cached = self._cache.get(_full_key(qname, qtype), now)
         return self._hit(cached) if cached is not None else None
+
+    def is_cached(self, name: str, rdtype: str) -> bool:
+        """Whether :meth:`query` would answer at once (from the cache, or with a DnsError).
+
+        Callers that would ask several questions concurrently ask them one after the other
+        instead when all are cached: concurrency costs a task per question, waiting nothing.
+        """
+        key = _plain_key(name, rdtype)
+        now = self._clock.monotonic()
+        if key is not None and self._cache.peek(key, now):
+            return True
+        try:
+            qname, qtype = _question(name, rdtype)
+        except DnsError:
+            return True
+        return self._cache.peek(_full_key(qname, qtype), now)
 
     def _hit(self, answer: Answer) -> Answer:
         self.stats.cache_hits += 1

@@ -151,7 +151,10 @@ class Pipeline:
         ``deadline`` is a ``loop.time()`` value; checks still running then are cut off.
         """
         results: list[Result] = []
+        # One dict for the whole run, updated in place as checks finish: the checks of a later
+        # group (or stage) see the facts of the earlier ones.
         facts: dict[str, LogValue] = dict(tx.facts)
+        tx = tx.with_facts(facts)
         for stage in stages:
             checks = self._by_stage[stage]
             if not checks:
@@ -162,8 +165,6 @@ class Pipeline:
                     results.extend(await self._run_group(group, stage, tx, deadline))
                     group = []
                     facts.update(_facts(results))
-                if facts != tx.facts:  # a new view only when earlier checks added facts
-                    tx = tx.with_facts(dict(facts))
                 group.append(active)
             if group:
                 results.extend(await self._run_group(group, stage, tx, deadline))

@@ -273,6 +273,8 @@ async def ask(resolver: Resolver, name: str, *, budget: float, want_txt: bool) -
     Both questions share ``budget`` seconds. A temporary DNS failure or running out of time is an
     error; a TXT question that fails leaves the listing without its text.
     """
+    if resolver.is_cached(name, "A") and (not want_txt or resolver.is_cached(name, "TXT")):
+        return await _ask_cached(resolver, name, want_txt=want_txt)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
     try:
@@ -295,11 +297,33 @@ async def ask(resolver: Resolver, name: str, *, budget: float, want_txt: bool) -
 
 
 async def ask_all(resolver: Resolver, names: Mapping[str, bool], *, budget: float) -> dict[str, ListAnswer]:
-    """Ask every name at the same time; ``names`` maps each name to whether its TXT is wanted."""
+    """Ask every name at the same time; ``names`` maps each name to whether its TXT is wanted.
+
+    When every answer is cached they are simply read, one after the other (no tasks).
+    """
+    if all(resolver.is_cached(name, "A") for name in names):
+        return {name: await ask(resolver, name, budget=budget, want_txt=txt) for name, txt in names.items()}
     answers = await asyncio.gather(
         *(ask(resolver, name, budget=budget, want_txt=txt) for name, txt in names.items())
     )
     return dict(zip(names, answers, strict=True))
+
+
+async def _ask_cached(resolver: Resolver, name: str, *, want_txt: bool) -> ListAnswer:
+    """:func:`ask` when the answers are cached: no timers needed."""
+    try:
+        records = (await resolver.query(name, "A")).records
+    except DnsTempError as exc:
+        return ListAnswer(error=exc.reason)
+    except DnsError:
+        return ListAnswer(error="invalid-name")
+    if not (records and want_txt):
+        return ListAnswer(records=records)
+    try:
+        texts = (await resolver.query(name, "TXT")).records
+    except DnsError:
+        texts = ()
+    return ListAnswer(records=records, txt=tuple(sorted({t.strip() for t in texts if t.strip()})))
 
 
 def classify(answer: ListAnswer, codes: CodeSet, error_codes: CodeSet) -> Outcome:

@@ -204,7 +204,11 @@ class FcrdnsCheck(Check[Options]):
         if not names:
             return self._failed(tx, ip, "permerror", names, f"Client address {ip} has no reverse DNS")
         candidates = [n for n in names if is_hostname(n)][: self.options.max_names]
-        forwards = await asyncio.gather(*(self._forward(n, ip) for n in candidates))
+        qtype = "A" if ip.version == 4 else "AAAA"
+        if all(self.services.dns.is_cached(n, qtype) for n in candidates):
+            forwards = [await self._forward(n, ip) for n in candidates]  # cached: no tasks needed
+        else:
+            forwards = list(await asyncio.gather(*(self._forward(n, ip) for n in candidates)))
         for wanted in ("exact", "network"):
             found = next((f for f in forwards if f.match == wanted), None)
             if found is not None:

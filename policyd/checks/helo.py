@@ -401,10 +401,15 @@ class HeloCheck(Check[Options]):
     # -- the DNS tests -----------------------------------------------------------------------
 
     async def _lookups(self, name: str, ip: IPAddress) -> _Dns:
-        forward, reverse = await asyncio.gather(
-            self._forward(name, ip) if self._forward_wanted else _nothing(),
-            self._reverse(ip) if self._reverse_wanted else _nothing(),
-        )
+        dns = self.services.dns
+        forward_ask = self._forward(name, ip) if self._forward_wanted else _nothing()
+        reverse_ask = self._reverse(ip) if self._reverse_wanted else _nothing()
+        if (not self._forward_wanted or dns.is_cached(name, "A" if ip.version == 4 else "AAAA")) and (
+            not self._reverse_wanted or dns.is_cached(dns.reverse_name(ip), "PTR")
+        ):
+            forward, reverse = await forward_ask, await reverse_ask  # cached: no tasks needed
+        else:
+            forward, reverse = await asyncio.gather(forward_ask, reverse_ask)
         errors: list[str] = []
         exists = forward_match = None
         if isinstance(forward, DnsTempError):
