@@ -130,12 +130,11 @@ class PolicyService:
             if early:
                 results.extend(await self._early_results(early, tx, deadline))
             if stage not in EARLY_STAGES and pipeline.has_checks(stage):
-                run_tx = tx
-                if results:
-                    facts = {k: v for r in results if r.facts for k, v in r.facts.items()}
-                    if facts:
-                        run_tx = tx.with_facts(facts)
-                results.extend(await pipeline.run((stage,), run_tx, deadline))
+                if results and isinstance(tx.facts, dict):  # early results may come from the memo
+                    for result in results:
+                        if result.facts:
+                            tx.facts.update(result.facts)
+                results.extend(await pipeline.run((stage,), tx, deadline))
         elif exempt == "recipient" and tx.instance:
             self._message(tx.instance).spared = True
         elapsed = (time.perf_counter() - started) * 1000.0

@@ -151,10 +151,13 @@ class Pipeline:
         ``deadline`` is a ``loop.time()`` value; checks still running then are cut off.
         """
         results: list[Result] = []
-        # One dict for the whole run, updated in place as checks finish: the checks of a later
-        # group (or stage) see the facts of the earlier ones.
-        facts: dict[str, LogValue] = dict(tx.facts)
-        tx = tx.with_facts(facts)
+        # The transaction's facts dict is updated in place as checks finish (no copy of the
+        # transaction per stage): the checks of a later group or stage see the earlier facts.
+        if isinstance(tx.facts, dict):
+            facts: dict[str, LogValue] = tx.facts
+        else:
+            facts = dict(tx.facts)
+            tx = tx.with_facts(facts)
         for stage in stages:
             checks = self._by_stage[stage]
             if not checks:

@@ -171,7 +171,8 @@ class Transaction:
 
     Values come from Postfix unchanged (``sender`` is empty for the null sender ``<>``).
     ``attrs`` holds every attribute of the policy request; ``facts`` holds what earlier checks
-    of this transaction provided. ``stage`` is the stage of the request (its protocol_state);
+    of this transaction provided (the pipeline adds to this dict as checks finish; a check
+    only reads it). ``stage`` is the stage of the request (its protocol_state);
     the stage a check is run for is the ``stage`` argument of :meth:`Check.check`.
     """
 

@@ -14,16 +14,17 @@ longer), which is fine for budgets of seconds.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 __all__ = ["Watchdog"]
 
 
 class _Budget:
-    __slots__ = ("_cancelling", "_done", "_expired", "_task", "_watchdog", "_when")
+    __slots__ = ("_cancelling", "_done", "_expired", "_seconds", "_task", "_watchdog", "_when")
 
     def __init__(self, watchdog: Watchdog, when: float) -> None:
         self._watchdog = watchdog
@@ -32,6 +33,7 @@ class _Budget:
         self._done = False
         self._expired = False
         self._cancelling = 0
+        self._seconds = 0.0
 
     async def __aenter__(self) -> Self:
         task = asyncio.current_task()
@@ -60,10 +62,18 @@ class _Budget:
 
 
 class Watchdog:
-    """Time budgets for the tasks of one event loop, served by one timer."""
+    """Time budgets for the tasks of one event loop, served by one timer.
+
+    Budgets of the same length end in the order they began, so each length has a FIFO queue
+    (adding is an append); the few that do not fit a queue (a budget cut short by a request
+    deadline, say) go to a heap. The timer is armed for the earliest end.
+    """
+
+    _MAX_QUEUES: ClassVar[int] = 32
 
     def __init__(self, resolution: float = 0.01) -> None:
         self._resolution = resolution
+        self._queues: dict[float, collections.deque[_Budget]] = {}
         self._heap: list[tuple[float, int, _Budget]] = []
         self._counter = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -75,14 +85,23 @@ class Watchdog:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # first use, or a new event loop (tests, one-shot commands)
             self._loop = loop
+            self._queues = {}
             self._heap = []
             self._timer = None
             self._timer_when = float("inf")
-        return _Budget(self, loop.time() + seconds)
+        budget = _Budget(self, loop.time() + seconds)
+        budget._seconds = seconds  # noqa: SLF001
+        return budget
 
     def _add(self, budget: _Budget) -> None:
         when = budget._when  # noqa: SLF001
-        heapq.heappush(self._heap, (when, next(self._counter), budget))
+        queue = self._queues.get(budget._seconds)  # noqa: SLF001
+        if queue is None and len(self._queues) < self._MAX_QUEUES:
+            queue = self._queues[budget._seconds] = collections.deque()  # noqa: SLF001
+        if queue is not None and (not queue or queue[-1]._when <= when):  # noqa: SLF001
+            queue.append(budget)
+        else:
+            heapq.heappush(self._heap, (when, next(self._counter), budget))
         if when < self._timer_when:
             self._arm(when)
 
@@ -98,14 +117,21 @@ class Watchdog:
         self._timer_when = float("inf")
         assert self._loop is not None
         now = self._loop.time()
+        earliest = float("inf")
+        for queue in self._queues.values():
+            while queue and (queue[0]._when <= now or queue[0]._done):  # noqa: SLF001
+                queue.popleft()._expire()  # noqa: SLF001
+            if queue:
+                earliest = min(earliest, queue[0]._when)  # noqa: SLF001
         heap = self._heap
         while heap and (heap[0][0] <= now or heap[0][2]._done):  # noqa: SLF001
-            _, _, budget = heapq.heappop(heap)
-            budget._expire()  # noqa: SLF001
+            heapq.heappop(heap)[2]._expire()  # noqa: SLF001
         if heap:
-            self._arm(max(heap[0][0], now + self._resolution))
+            earliest = min(earliest, heap[0][0])
+        if earliest < float("inf"):
+            self._arm(max(earliest, now + self._resolution))
 
     @property
     def pending(self) -> int:
         """Budgets not yet cleaned up (finished ones leave lazily)."""
-        return len(self._heap)
+        return len(self._heap) + sum(len(queue) for queue in self._queues.values())

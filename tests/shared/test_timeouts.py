@@ -71,3 +71,21 @@ async def test_nested_with_asyncio_timeout_the_outer_one_wins() -> None:
                     await asyncio.sleep(1)
             except TimeoutError:  # pragma: no cover - would mean our budget claimed it
                 pytest.fail("the inner budget claimed the outer timeout")
+
+
+async def test_budgets_of_many_lengths_all_expire_in_time() -> None:
+    """More distinct lengths than FIFO queues: the rest go to the heap and still expire."""
+    dog = Watchdog(resolution=0.001)
+
+    async def sleeper(budget: float) -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            async with dog.budget(budget):
+                await asyncio.sleep(5)
+        return loop.time() - started - budget
+
+    lateness = await asyncio.gather(*(sleeper(0.02 + n * 0.002) for n in range(40)))
+    assert all(-0.001 <= late < 0.2 for late in lateness), lateness
+    await asyncio.sleep(0.05)
+    assert dog.pending == 0
