@@ -92,38 +92,17 @@ from __future__ import annotations
 import math
 import re
 import string
-import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from mxward.shared.geoip import GeoInfo, GeoIP, GeoIPError, GeoIPSettings, is_routable
+from mxward.shared.headers import header_params
 from mxward.shared.plugin import Action, Check, LogValue, Result, Services, Stage, Transaction, Verdict
 from mxward.shared.units import Duration
 
-__all__ = ["GeoipCheck", "Options", "header_params"]
+__all__ = ["GeoipCheck", "Options"]
 
 _COUNTRY = re.compile(r"[A-Za-z]{2}")
-_TOKEN = re.compile(r"[A-Za-z0-9.\-_:/+]+")
-_HEADER_DROP = re.compile(r'[\x00-\x1f\x7f";\\]')
-
-
-def header_params(name: str, fields: Iterable[tuple[str, LogValue]]) -> str:
-    """``Name: key=value; key="two words"`` with known fields only, as printable ASCII.
-
-    Accents are folded (``São Paulo`` → ``Sao Paulo``); quotes, semicolons, backslashes and
-    control characters are dropped, so a value can never end the parameter or the line.
-    """
-    parts: list[str] = []
-    for key, value in fields:
-        if value is None or value == "":
-            continue
-        text = unicodedata.normalize("NFKD", str(value)).encode("ascii", "ignore").decode("ascii")
-        text = " ".join(_HEADER_DROP.sub("", text).split())[:100]
-        if not text:
-            continue
-        parts.append(f"{key}={text}" if _TOKEN.fullmatch(text) else f'{key}="{text}"')
-    return f"{name}: {'; '.join(parts)}" if parts else ""
 
 
 def _countries(entries: tuple[str, ...], option: str) -> frozenset[str]:

@@ -67,7 +67,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mxward.policyd.checks.geoip import header_params
+from mxward.shared.headers import header_params
 from mxward.shared.p0f import HostInfo, P0fClient, P0fError, P0fProtocolError
 from mxward.shared.plugin import Action, Check, LogValue, Result, Services, Stage, Transaction, Verdict
 from mxward.shared.units import Duration

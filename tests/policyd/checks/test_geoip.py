@@ -10,10 +10,11 @@ from typing import Any, cast
 import pytest
 from support.mmdb import ASN_RECORDS, CITY_RECORDS, Place, write_db
 
-from mxward.policyd.checks.geoip import GeoipCheck, Options, header_params
+from mxward.policyd.checks.geoip import GeoipCheck, Options
 from mxward.policyd.service import PolicyService
 from mxward.shared.clock import FrozenClock
 from mxward.shared.dns import DnsSettings, Resolver
+from mxward.shared.headers import header_params
 from mxward.shared.pipeline import ActiveCheck, Pipeline, PipelineSettings
 from mxward.shared.plugin import ActionKind, Check, Result, Services, Stage, Transaction, Verdict
 from mxward.shared.state import StateSettings, StateStore
