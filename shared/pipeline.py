@@ -28,8 +28,9 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from mxward.shared.dns import DnsError
 from mxward.shared.matchers import AddressList
@@ -198,8 +199,7 @@ class Pipeline:
             result = _error(active.name, "deadline")
         else:
             try:
-                async with self._watchdog.budget(budget):
-                    result = await active.check.check(stage, tx)
+                result = await self._call(active.check.check(stage, tx), budget, started)
             except TimeoutError:
                 result = _error(active.name, "timeout")
             except StateError as exc:
@@ -225,6 +225,21 @@ class Pipeline:
         # and replace() would cost more than the rest of this function on the hot path.
         object.__setattr__(result, "elapsed_ms", elapsed)
         return result
+
+    async def _call(self, coro: Coroutine[Any, Any, Result], budget: float, started: float) -> Result:
+        """Run a check; its budget is armed only if it has to wait.
+
+        The check's first step runs at once, in this task: a check that finishes without
+        waiting (a cached DNS answer, a computation) needs no timer at all. One that waits
+        continues under its budget, with ``asyncio.timeout()``'s semantics.
+        """
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            return cast("Result", done.value)
+        remaining = max(0.0, budget - (time.perf_counter() - started))
+        async with self._watchdog.budget(remaining):
+            return await _resume(coro, waiting)
 
     # ----------------------------------------------------------------------------------------
     # deciding
@@ -283,6 +298,36 @@ class Pipeline:
                 raise
             except Exception as exc:
                 log.warning("check=%s after-hook failed: %s: %s", active.name, type(exc).__name__, exc)
+
+
+async def _resume(coro: Coroutine[Any, Any, Result], waiting: object) -> Result:
+    """Drive ``coro``, which has just yielded ``waiting``, to its end in the current task.
+
+    What a Task does for its coroutine: wait for the future it yielded (``None`` means "let
+    the loop run once"), then send the coroutine on, or throw in what the wait raised (the
+    future's exception, or this task's cancellation).
+    """
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            elif asyncio.isfuture(waiting):
+                # The check's own await marked the future as waited for; a Task clears that
+                # mark before it waits on the future itself, and so do we.
+                waiting._asyncio_future_blocking = False  # noqa: SLF001 - asyncio's future protocol
+                await waiting
+            else:
+                raise RuntimeError(f"a check yielded {waiting!r}, not an asyncio future")  # noqa: TRY301
+        except BaseException as exc:  # everything, cancellation included, goes back into the check
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration as done:
+                return cast("Result", done.value)
+        else:
+            try:
+                waiting = coro.send(None)
+            except StopIteration as done:
+                return cast("Result", done.value)
 
 
 def _facts(results: Iterable[Result]) -> dict[str, LogValue]:

@@ -260,3 +260,41 @@ def test_frozen_clock_only_moves_when_told() -> None:
     clock = FrozenClock(1000.0)
     clock.advance(300)
     assert clock.now() == 1300.0
+
+
+class _Waiting(Check[Behaviour]):
+    """Waits the ways a real check does: a future that fails, a yield to the loop, a sleep."""
+
+    name: ClassVar[str] = "waiting"
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.RCPT})
+
+    async def check(self, stage: Stage, tx: Transaction) -> Result:
+        loop = asyncio.get_running_loop()
+        failing: asyncio.Future[None] = loop.create_future()
+        loop.call_later(0.01, failing.set_exception, LookupError("no such thing"))
+        try:
+            await failing
+        except LookupError as exc:
+            note = str(exc)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        return self.result(Verdict.PASS, note=note)
+
+
+async def test_a_check_that_finishes_without_waiting_arms_no_budget() -> None:
+    """Checks answered from memory cost no timer; a check that waits gets its budget."""
+    p = pipeline(ActiveCheck(make_check("quick", Behaviour()), timeout=1))
+    await decide(p)
+    assert p._watchdog.pending == 0
+    p = pipeline(ActiveCheck(make_check("slow", Behaviour(sleep=0.01)), timeout=1))
+    await decide(p)
+    assert p._watchdog.pending == 1  # finished, cleaned up lazily
+
+
+async def test_a_waiting_check_sees_its_futures_exceptions_and_finishes() -> None:
+    """After its first step the check is driven like a task: exceptions of what it waits for
+    reach it, yields to the loop and sleeps work, and its result is kept."""
+    p = pipeline(ActiveCheck(_Waiting(Behaviour(), cast("Services", None)), timeout=1))
+    d = await decide(p)
+    [r] = d.results
+    assert r.verdict is Verdict.PASS and r.log == {"note": "no such thing"}
