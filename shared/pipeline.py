@@ -178,40 +178,90 @@ class Pipeline:
     async def _run_group(
         self, group: list[ActiveCheck], stage: Stage, tx: Transaction, deadline: float
     ) -> list[Result]:
-        if len(group) == 1:
-            return [await self._run_one(group[0], stage, tx, deadline)]
-        # Concurrently, but the first check runs in this task: one task fewer per group (tasks
-        # are a large part of a fast check's cost).
+        """Run checks that do not depend on each other, concurrently.
+
+        Each check's first step runs at once in this task (see :meth:`_start`); most finish
+        there. Of those that have to wait, the first continues in this task and each other one
+        in a task of its own: tasks are made only where there is something to wait for.
+        """
+        results: list[Result | None] = []
+        waiting: list[tuple[int, _Started]] = []
+        for index, active in enumerate(group):
+            started = self._start(active, stage, tx, deadline)
+            if isinstance(started, Result):
+                results.append(started)
+            else:
+                results.append(None)
+                waiting.append((index, started))
+        if not waiting:
+            return cast("list[Result]", results)
         loop = asyncio.get_running_loop()
-        others = [loop.create_task(self._run_one(a, stage, tx, deadline)) for a in group[1:]]
+        others = [(index, loop.create_task(self._complete(started))) for index, started in waiting[1:]]
         try:
-            first = await self._run_one(group[0], stage, tx, deadline)
-            return [first, *[await task for task in others]]
+            index, started = waiting[0]
+            results[index] = await self._complete(started)
+            for index, task in others:
+                results[index] = await task
         finally:
-            for task in others:
+            for _, task in others:
                 task.cancel()
+        return cast("list[Result]", results)
 
     async def _run_one(self, active: ActiveCheck, stage: Stage, tx: Transaction, deadline: float) -> Result:
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        budget = min(active.timeout, deadline - loop.time())
+        started = self._start(active, stage, tx, deadline)
+        if isinstance(started, Result):
+            return started
+        return await self._complete(started)
+
+    def _start(
+        self, active: ActiveCheck, stage: Stage, tx: Transaction, deadline: float
+    ) -> Result | _Started:
+        """Run the check's first step now: its result, or what it is waiting for.
+
+        A check that finishes without waiting (a cached DNS answer, a computation) costs no
+        task and no timer. One that waits is finished by :meth:`_complete` under its budget.
+        """
+        began = time.perf_counter()
+        budget = min(active.timeout, deadline - asyncio.get_running_loop().time())
         if budget <= 0:
-            result = _error(active.name, "deadline")
-        else:
-            try:
-                result = await self._call(active.check.check(stage, tx), budget, started)
-            except TimeoutError:
-                result = _error(active.name, "timeout")
-            except StateError as exc:
-                log.warning("check=%s error: state store: %s", active.name, exc)
-                result = _error(active.name, "state unavailable")
-            except DnsError as exc:
-                log.warning("check=%s error: dns: %s", active.name, exc)
-                result = _error(active.name, "dns temporary failure")
-            except Exception as exc:
-                log.exception("check=%s raised %s", active.name, type(exc).__name__)
-                result = _error(active.name, f"exception {type(exc).__name__}")
-        elapsed = (time.perf_counter() - started) * 1000.0
+            return self._finish(active, _error(active.name, "deadline"), began)
+        coro = active.check.check(stage, tx)
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            return self._finish(active, cast("Result", done.value), began)
+        except Exception as exc:
+            return self._finish(active, self._failure(active, exc), began)
+        return _Started(active, coro, waiting, budget, began)
+
+    async def _complete(self, started: _Started) -> Result:
+        """Drive a check that waits to its end, under its budget (asyncio.timeout semantics)."""
+        active = started.active
+        remaining = max(0.0, started.budget - (time.perf_counter() - started.began))
+        try:
+            async with self._watchdog.budget(remaining):
+                result = await _resume(started.coro, started.waiting)
+        except TimeoutError:
+            result = _error(active.name, "timeout")
+        except Exception as exc:
+            result = self._failure(active, exc)
+        return self._finish(active, result, started.began)
+
+    @staticmethod
+    def _failure(active: ActiveCheck, exc: Exception) -> Result:
+        """The ERROR result for a check that raised (state and DNS trouble without a traceback)."""
+        if isinstance(exc, StateError):
+            log.warning("check=%s error: state store: %s", active.name, exc)
+            return _error(active.name, "state unavailable")
+        if isinstance(exc, DnsError):
+            log.warning("check=%s error: dns: %s", active.name, exc)
+            return _error(active.name, "dns temporary failure")
+        log.error("check=%s raised %s", active.name, type(exc).__name__, exc_info=exc)
+        return _error(active.name, f"exception {type(exc).__name__}")
+
+    def _finish(self, active: ActiveCheck, result: Result, began: float) -> Result:
+        """Stamp the time taken; apply observe mode and on_error."""
+        elapsed = (time.perf_counter() - began) * 1000.0
         if active.observe:
             if result.action is not None or result.score:
                 what = result.action.kind.name if result.action else f"score {result.score:g}"
@@ -225,21 +275,6 @@ class Pipeline:
         # and replace() would cost more than the rest of this function on the hot path.
         object.__setattr__(result, "elapsed_ms", elapsed)
         return result
-
-    async def _call(self, coro: Coroutine[Any, Any, Result], budget: float, started: float) -> Result:
-        """Run a check; its budget is armed only if it has to wait.
-
-        The check's first step runs at once, in this task: a check that finishes without
-        waiting (a cached DNS answer, a computation) needs no timer at all. One that waits
-        continues under its budget, with ``asyncio.timeout()``'s semantics.
-        """
-        try:
-            waiting = coro.send(None)
-        except StopIteration as done:
-            return cast("Result", done.value)
-        remaining = max(0.0, budget - (time.perf_counter() - started))
-        async with self._watchdog.budget(remaining):
-            return await _resume(coro, waiting)
 
     # ----------------------------------------------------------------------------------------
     # deciding
@@ -298,6 +333,17 @@ class Pipeline:
                 raise
             except Exception as exc:
                 log.warning("check=%s after-hook failed: %s: %s", active.name, type(exc).__name__, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    """A check whose first step is done and which now waits for ``waiting``."""
+
+    active: ActiveCheck
+    coro: Coroutine[Any, Any, Result]
+    waiting: object
+    budget: float
+    began: float
 
 
 async def _resume(coro: Coroutine[Any, Any, Result], waiting: object) -> Result:
