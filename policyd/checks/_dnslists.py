@@ -39,16 +39,18 @@ import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Generic, Literal, TypeVar
+from typing import Final, Generic, Literal, Protocol, TypeVar
 
 from mxward.shared.dns import DnsError, DnsTempError, Resolver
-from mxward.shared.plugin import Action, LogValue, Result, Verdict
+from mxward.shared.plugin import Action, Check, LogValue, Result, Verdict
 
 __all__ = [
     "LISTING_NETWORK",
     "CodeSet",
     "Entry",
+    "IpListZone",
     "ListAnswer",
+    "ListCheck",
     "ListZone",
     "Outcome",
     "Probe",
@@ -63,6 +65,7 @@ __all__ = [
     "error_codes_by_zone",
     "forced_action",
     "ip_probes",
+    "ip_zone_probes",
     "normalise_zone",
     "outcome_result",
     "present",
@@ -202,7 +205,15 @@ class ListZone:
         return self.name or self.zone
 
 
+@dataclass(frozen=True, kw_only=True)
+class IpListZone(ListZone):
+    """A zone table of a list of client addresses (dnsbl, dnswl)."""
+
+    ipv6: bool = True
+
+
 ZoneT = TypeVar("ZoneT", bound=ListZone)
+IpZoneT = TypeVar("IpZoneT", bound=IpListZone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,3 +591,47 @@ class ZoneHealth:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def ip_zone_probes(entries: Sequence[Entry[IpZoneT]]) -> list[Probe]:
+    """Health probes of the zones of client-address lists (IPv6 too where an entry asks it)."""
+    return [
+        probe
+        for zone, error_codes in error_codes_by_zone(entries).items()
+        for probe in ip_probes(zone, error_codes, ipv6=any(e.options.ipv6 for e in entries if e.zone == zone))
+    ]
+
+
+class _HealthOptions(Protocol):
+    @property
+    def health_check(self) -> bool: ...
+    @property
+    def health_interval(self) -> float: ...
+    @property
+    def zone_timeout(self) -> float: ...
+
+
+OptionsT = TypeVar("OptionsT", bound=_HealthOptions)
+
+
+class ListCheck(Check[OptionsT]):
+    """What dnsbl, dnswl and rhsbl share: their zones' health, probed in the background from
+    :meth:`start` until :meth:`aclose`."""
+
+    health: ZoneHealth
+
+    def watch(self, probes: Sequence[Probe]) -> None:
+        opts = self.options
+        self.health = ZoneHealth(
+            self.name,
+            self.services.dns,
+            probes if opts.health_check else (),
+            interval=opts.health_interval,
+            timeout=opts.zone_timeout,
+        )
+
+    async def start(self) -> None:
+        self.health.start()
+
+    async def aclose(self) -> None:
+        await self.health.aclose()

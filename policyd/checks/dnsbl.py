@@ -93,24 +93,23 @@ from typing import Any, ClassVar, Literal
 
 from mxward.policyd.checks._dnslists import (
     Entry,
+    IpListZone,
     ListAnswer,
-    ListZone,
+    ListCheck,
     Outcome,
-    ZoneHealth,
     ask_all,
     check_codes,
     check_template,
     check_timing,
-    error_codes_by_zone,
     forced_action,
-    ip_probes,
+    ip_zone_probes,
     outcome_result,
     present,
     render,
 )
 from mxward.shared.dns import Resolver
 from mxward.shared.netutil import NetworkList
-from mxward.shared.plugin import Action, Check, IPAddress, Result, Services, Stage, Transaction, Verdict
+from mxward.shared.plugin import Action, IPAddress, Result, Services, Stage, Transaction, Verdict
 from mxward.shared.units import Duration
 
 __all__ = ["DnsblCheck", "Options", "Zone"]
@@ -121,13 +120,12 @@ DEFAULT_REPLY_TXT = "Client host [{ip}] blocked using {zone}; {txt}"
 
 
 @dataclass(frozen=True, kw_only=True)
-class Zone(ListZone):
+class Zone(IpListZone):
     """One ``[[checks.dnsbl.zones]]`` table."""
 
     action: Literal["score", "reject", "defer"] = "score"
     reply: str = ""
     txt: bool = True
-    ipv6: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -160,7 +158,7 @@ class _Hit:
     text: str
 
 
-class DnsblCheck(Check[Options]):
+class DnsblCheck(ListCheck[Options]):
     name: ClassVar[str] = "dnsbl"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.CONNECT})
     options_type: ClassVar[type[Any]] = Options
@@ -175,26 +173,7 @@ class DnsblCheck(Check[Options]):
             # Only a configuration that asks for the skip makes dnsbl wait for dnswl (and
             # start-up fails if dnswl is not listed before it).
             self.needs = ("dnswl.trusted",)
-        probes = [
-            probe
-            for zone, error_codes in error_codes_by_zone(self._entries).items()
-            for probe in ip_probes(
-                zone, error_codes, ipv6=any(e.options.ipv6 for e in self._entries if e.zone == zone)
-            )
-        ]
-        self.health = ZoneHealth(
-            self.name,
-            services.dns,
-            probes if options.health_check else (),
-            interval=options.health_interval,
-            timeout=options.zone_timeout,
-        )
-
-    async def start(self) -> None:
-        self.health.start()
-
-    async def aclose(self) -> None:
-        await self.health.aclose()
+        self.watch(ip_zone_probes(self._entries))
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         ip = tx.client_ip

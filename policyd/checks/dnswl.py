@@ -76,32 +76,30 @@ from typing import Any, ClassVar
 
 from mxward.policyd.checks._dnslists import (
     Entry,
+    IpListZone,
     ListAnswer,
-    ListZone,
+    ListCheck,
     Outcome,
-    ZoneHealth,
     ask_all,
     check_timing,
-    error_codes_by_zone,
-    ip_probes,
+    ip_zone_probes,
     outcome_result,
     present,
 )
 from mxward.shared.dns import Resolver
-from mxward.shared.plugin import Check, Result, Services, Stage, Transaction, Verdict
+from mxward.shared.plugin import Result, Services, Stage, Transaction, Verdict
 from mxward.shared.units import Duration
 
 __all__ = ["DnswlCheck", "Options", "Zone"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Zone(ListZone):
+class Zone(IpListZone):
     """One ``[[checks.dnswl.zones]]`` table."""
 
     error_codes: tuple[str, ...] = ("127.0.0.255", "127.255.255.*")
     score: float = -5.0
     level: int = -1
-    ipv6: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,7 +127,7 @@ def _level(entry: Entry[Zone], outcome: Outcome) -> int:
     return max(ipaddress.IPv4Address(code).packed[3] for code in outcome.codes)
 
 
-class DnswlCheck(Check[Options]):
+class DnswlCheck(ListCheck[Options]):
     name: ClassVar[str] = "dnswl"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.CONNECT})
     options_type: ClassVar[type[Any]] = Options
@@ -139,26 +137,7 @@ class DnswlCheck(Check[Options]):
     def __init__(self, options: Options, services: Services) -> None:
         super().__init__(options, services)
         self._entries = tuple(Entry.compile(zone) for zone in options.zones)
-        probes = [
-            probe
-            for zone, error_codes in error_codes_by_zone(self._entries).items()
-            for probe in ip_probes(
-                zone, error_codes, ipv6=any(e.options.ipv6 for e in self._entries if e.zone == zone)
-            )
-        ]
-        self.health = ZoneHealth(
-            self.name,
-            services.dns,
-            probes if options.health_check else (),
-            interval=options.health_interval,
-            timeout=options.zone_timeout,
-        )
-
-    async def start(self) -> None:
-        self.health.start()
-
-    async def aclose(self) -> None:
-        await self.health.aclose()
+        self.watch(ip_zone_probes(self._entries))
 
     def _facts(self, listed: str = "", level: int = -1) -> dict[str, str | int | bool]:
         return {

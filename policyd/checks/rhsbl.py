@@ -90,9 +90,9 @@ from typing import Any, ClassVar, Literal
 from mxward.policyd.checks._dnslists import (
     Entry,
     ListAnswer,
+    ListCheck,
     ListZone,
     Outcome,
-    ZoneHealth,
     ask_all,
     check_codes,
     check_template,
@@ -106,7 +106,7 @@ from mxward.policyd.checks._dnslists import (
     valid_domain,
 )
 from mxward.shared.matchers import DomainList, split_address
-from mxward.shared.plugin import Action, Check, Result, Services, Stage, Transaction, Verdict
+from mxward.shared.plugin import Action, Result, Services, Stage, Transaction, Verdict
 from mxward.shared.units import Duration
 
 __all__ = ["Options", "RhsblCheck", "Zone"]
@@ -204,7 +204,7 @@ class _Hit:
         return f"{q.entry.label}:{q.identity}={q.domain}:{'+'.join(self.outcome.codes)}"
 
 
-class RhsblCheck(Check[Options]):
+class RhsblCheck(ListCheck[Options]):
     name: ClassVar[str] = "rhsbl"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL})
     options_type: ClassVar[type[Any]] = Options
@@ -215,20 +215,7 @@ class RhsblCheck(Check[Options]):
         super().__init__(options, services)
         self._entries = tuple(Entry.compile(zone) for zone in options.zones)
         self._allow = DomainList(options.allow_domains)
-        probes = [domain_probe(zone, codes) for zone, codes in error_codes_by_zone(self._entries).items()]
-        self.health = ZoneHealth(
-            self.name,
-            services.dns,
-            probes if options.health_check else (),
-            interval=options.health_interval,
-            timeout=options.zone_timeout,
-        )
-
-    async def start(self) -> None:
-        self.health.start()
-
-    async def aclose(self) -> None:
-        await self.health.aclose()
+        self.watch([domain_probe(zone, codes) for zone, codes in error_codes_by_zone(self._entries).items()])
 
     def _questions(self, tx: Transaction) -> tuple[list[_Question], str]:
         names = {
