@@ -262,7 +262,7 @@ def cmd_karma(args: argparse.Namespace, config: Config) -> int:
 
     async def run() -> int:
         async with _services(config) as services:
-            store = KarmaStore(services.state, options.rules)
+            store = KarmaStore(services.state, options)
             now = time.time()
             if args.action == "list":
                 count = 0

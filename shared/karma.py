@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mxward.shared.netutil import network_text, parse_ip
-from mxward.shared.units import format_duration
+from mxward.shared.units import Duration, format_duration
 
 if TYPE_CHECKING:
     from mxward.shared.plugin import IPAddress
@@ -53,11 +53,23 @@ class KarmaRules:
     nice_score: float = -3.0
     naughty_score: float = 5.0
     negative: int = 1
-    penalty: float = 86400.0
-    max_penalty: float = 30 * 86400.0
-    history_ttl: float = 180 * 86400.0
+    penalty: Duration = 86400.0
+    max_penalty: Duration = 30 * 86400.0
+    history_ttl: Duration = 180 * 86400.0
     ipv4_prefix: int = 32
     ipv6_prefix: int = 64
+
+    def __post_init__(self) -> None:
+        if self.nice_score >= self.naughty_score:
+            raise ValueError("nice_score must be below naughty_score")
+        if self.negative < 1:
+            raise ValueError("negative must be 1 or more")
+        if not 0 < self.penalty <= self.max_penalty:
+            raise ValueError("penalty must be positive and at most max_penalty")
+        if self.history_ttl < 86400:
+            raise ValueError("history_ttl must be at least 1d")
+        if not 8 <= self.ipv4_prefix <= 32 or not 16 <= self.ipv6_prefix <= 128:
+            raise ValueError("ipv4_prefix must be 8..32 and ipv6_prefix 16..128")
 
     def outcome(self, score: float, *, refused: bool = False) -> Outcome:
         """Judge a finished transaction by its total score (refused by a check = naughty)."""

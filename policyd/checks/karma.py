@@ -84,7 +84,7 @@ from mxward.shared.plugin import (
     Transaction,
     Verdict,
 )
-from mxward.shared.units import Duration, format_remaining
+from mxward.shared.units import format_remaining
 
 __all__ = ["KarmaCheck", "Options"]
 
@@ -97,52 +97,23 @@ _ACTIONS: dict[str, tuple[ActionKind, int, str]] = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class Options:
-    nice_score: float = -3.0
-    naughty_score: float = 5.0
-    negative: int = 1
-    penalty: Duration = 86400.0
-    max_penalty: Duration = 30 * 86400.0
-    history_ttl: Duration = 180 * 86400.0
+class Options(KarmaRules):
+    """The judging rules (shared with the content filter) plus what only this check uses."""
+
     good_history: int = 5
     good_score: float = -2.0
     penalty_action: Literal["reject", "defer", "disconnect", "tempdisconnect"] = "reject"
     penalty_text: str = "Too much bad mail from {client}; refused for {remaining}"
     max_recipients_unknown: int = 0
-    ipv4_prefix: int = 32
-    ipv6_prefix: int = 64
 
     def __post_init__(self) -> None:
-        if self.nice_score >= self.naughty_score:
-            raise ValueError("nice_score must be below naughty_score")
-        if self.negative < 1:
-            raise ValueError("negative must be 1 or more")
-        if not 0 < self.penalty <= self.max_penalty:
-            raise ValueError("penalty must be positive and at most max_penalty")
-        if self.history_ttl < 86400:
-            raise ValueError("history_ttl must be at least 1d")
+        super().__post_init__()
         if self.good_history < 0 or self.max_recipients_unknown < 0:
             raise ValueError("good_history and max_recipients_unknown must be 0 (off) or more")
-        if not 8 <= self.ipv4_prefix <= 32 or not 16 <= self.ipv6_prefix <= 128:
-            raise ValueError("ipv4_prefix must be 8..32 and ipv6_prefix 16..128")
         fields = {name for _, name, _, _ in string.Formatter().parse(self.penalty_text) if name}
-        if fields - {"client", "remaining"}:
-            raise ValueError(
-                f"penalty_text: unknown placeholder(s) {sorted(fields - {'client', 'remaining'})}"
-            )
-
-    @property
-    def rules(self) -> KarmaRules:
-        return KarmaRules(
-            nice_score=self.nice_score,
-            naughty_score=self.naughty_score,
-            negative=self.negative,
-            penalty=self.penalty,
-            max_penalty=self.max_penalty,
-            history_ttl=self.history_ttl,
-            ipv4_prefix=self.ipv4_prefix,
-            ipv6_prefix=self.ipv6_prefix,
-        )
+        unknown = sorted(fields - {"client", "remaining"})
+        if unknown:
+            raise ValueError(f"penalty_text: unknown placeholder(s) {unknown}")
 
 
 class KarmaCheck(Check[Options]):
@@ -161,7 +132,7 @@ class KarmaCheck(Check[Options]):
 
     def __init__(self, options: Options, services: Services) -> None:
         super().__init__(options, services)
-        self.store = KarmaStore(services.state, options.rules)
+        self.store = KarmaStore(services.state, options)
         kind, code, dsn = _ACTIONS[options.penalty_action]
         self._penalty = (kind, code, dsn)
 
