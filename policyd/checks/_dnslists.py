@@ -37,11 +37,11 @@ import logging
 import math
 import re
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Generic, Literal, Protocol, TypeVar
 
-from mxward.shared.dns import DnsError, DnsTempError, Resolver
+from mxward.shared.dns import Answer, DnsError, DnsTempError, Resolver
 from mxward.shared.plugin import Action, Check, LogValue, Result, Verdict
 
 __all__ = [
@@ -284,13 +284,11 @@ async def ask(resolver: Resolver, name: str, *, budget: float, want_txt: bool) -
     Both questions share ``budget`` seconds. A temporary DNS failure or running out of time is an
     error; a TXT question that fails leaves the listing without its text.
     """
-    if resolver.is_cached(name, "A") and (not want_txt or resolver.is_cached(name, "TXT")):
-        return await _ask_cached(resolver, name, want_txt=want_txt)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + budget
+    # Answers already cached need no timer (a timer per question costs more than the answer).
+    cached = resolver.is_cached(name, "A") and (not want_txt or resolver.is_cached(name, "TXT"))
+    deadline = None if cached else asyncio.get_running_loop().time() + budget
     try:
-        async with asyncio.timeout_at(deadline):
-            records = (await resolver.query(name, "A")).records
+        records = (await _within(deadline, resolver.query(name, "A"))).records
     except TimeoutError:
         return ListAnswer(error="timeout")
     except DnsTempError as exc:
@@ -300,11 +298,18 @@ async def ask(resolver: Resolver, name: str, *, budget: float, want_txt: bool) -
     if not (records and want_txt):
         return ListAnswer(records=records)
     try:
-        async with asyncio.timeout_at(deadline):
-            texts = (await resolver.query(name, "TXT")).records
+        texts = (await _within(deadline, resolver.query(name, "TXT"))).records
     except (TimeoutError, DnsError):
         texts = ()
     return ListAnswer(records=records, txt=tuple(sorted({t.strip() for t in texts if t.strip()})))
+
+
+async def _within(deadline: float | None, question: Awaitable[Answer]) -> Answer:
+    """``question``, cut off at ``deadline`` (a loop time); None: no limit needed."""
+    if deadline is None:
+        return await question
+    async with asyncio.timeout_at(deadline):
+        return await question
 
 
 async def ask_all(resolver: Resolver, names: Mapping[str, bool], *, budget: float) -> dict[str, ListAnswer]:
@@ -318,23 +323,6 @@ async def ask_all(resolver: Resolver, names: Mapping[str, bool], *, budget: floa
         *(ask(resolver, name, budget=budget, want_txt=txt) for name, txt in names.items())
     )
     return dict(zip(names, answers, strict=True))
-
-
-async def _ask_cached(resolver: Resolver, name: str, *, want_txt: bool) -> ListAnswer:
-    """:func:`ask` when the answers are cached: no timers needed."""
-    try:
-        records = (await resolver.query(name, "A")).records
-    except DnsTempError as exc:
-        return ListAnswer(error=exc.reason)
-    except DnsError:
-        return ListAnswer(error="invalid-name")
-    if not (records and want_txt):
-        return ListAnswer(records=records)
-    try:
-        texts = (await resolver.query(name, "TXT")).records
-    except DnsError:
-        texts = ()
-    return ListAnswer(records=records, txt=tuple(sorted({t.strip() for t in texts if t.strip()})))
 
 
 def classify(answer: ListAnswer, codes: CodeSet, error_codes: CodeSet) -> Outcome:
