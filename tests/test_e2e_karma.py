@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.dns_fixtures import DNS_DATA
 from support.dnsserver import ThreadedDnsServer
 from support.policy_client import MXWARD, running, write_config
 from support.postfix import send_mail
@@ -17,12 +16,6 @@ from support.postfix import send_mail
 pytestmark = pytest.mark.postfix
 
 D = "spf.test.example"
-
-
-@pytest.fixture
-def spf_dns() -> Iterator[ThreadedDnsServer]:
-    with ThreadedDnsServer([DNS_DATA / "spf.zone"]) as server:
-        yield server
 
 
 @pytest.fixture

@@ -7,23 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.dns_fixtures import DNS_DATA
 from support.dnsserver import ThreadedDnsServer
 from support.policy_client import running, write_config
 from support.postfix import send_mail
 
 pytestmark = pytest.mark.postfix
 
-SPF_ZONE = DNS_DATA / "spf.zone"
 D = "spf.test.example"
 RECIPIENTS = ["one@sink.test", "two@sink.test", "three@sink.test"]
-
-
-@pytest.fixture
-def spf_dns() -> Iterator[ThreadedDnsServer]:
-    """The SPF test zones, served from a thread so the daemon subprocess can ask them."""
-    with ThreadedDnsServer([SPF_ZONE]) as server:
-        yield server
 
 
 @pytest.fixture
