@@ -114,3 +114,42 @@ class AddressList:
         if self._domains.matches(domain):
             return True
         return any(rx.search(full) for rx in self._regexes)
+
+
+class TextList:
+    """Names matched case-insensitively, exactly, plus ``/regex/`` entries searched in the text.
+
+    For lists such as operating systems (``"Windows"``, ``"/^windows (xp|7)/"``). ``option``
+    names the setting in error messages.
+    """
+
+    __slots__ = ("_exact", "_regexes", "entries")
+
+    def __init__(self, entries: Iterable[str], option: str = "entries") -> None:
+        self.entries = tuple(entries)
+        exact: set[str] = set()
+        regexes: list[re.Pattern[str]] = []
+        for raw in self.entries:
+            entry = raw.strip()
+            if len(entry) > 2 and entry.startswith("/") and entry.endswith("/"):
+                try:
+                    regexes.append(re.compile(entry[1:-1], re.IGNORECASE))
+                except re.error as exc:
+                    raise ValueError(f"{option}: {raw!r} is not a valid regular expression: {exc}") from None
+            elif entry:
+                exact.add(entry.casefold())
+            else:
+                raise ValueError(f"{option}: empty entry")
+        self._exact = frozenset(exact)
+        self._regexes = tuple(regexes)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def matches(self, text: str, *aliases: str) -> bool:
+        """``text`` or one of its ``aliases`` is an exact entry, or a regex is found in ``text``."""
+        if not text:
+            return False
+        if any(name.casefold() in self._exact for name in (text, *aliases) if name):
+            return True
+        return any(rx.search(text) for rx in self._regexes)

@@ -116,7 +116,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mxward.shared.matchers import AddressList, DomainList, split_address
+from mxward.shared.matchers import AddressList, DomainList, TextList, split_address
 from mxward.shared.netutil import NetworkList, mask_address, network_text
 from mxward.shared.plugin import Action, Check, Result, Services, Stage, Transaction, Verdict
 from mxward.shared.units import Duration, format_duration
@@ -216,32 +216,7 @@ class Options:
         for code in self.skip_countries:
             if not re.fullmatch(r"[A-Za-z]{2}", code):
                 raise ValueError(f"skip_countries: {code!r} is not a two-letter ISO country code")
-        TextMatcher(self.only_os)
-
-
-class TextMatcher:
-    """Case-insensitive match of a text against exact strings and ``/regex/`` entries."""
-
-    __slots__ = ("_exact", "_regexes")
-
-    def __init__(self, entries: tuple[str, ...]) -> None:
-        exact: set[str] = set()
-        regexes: list[re.Pattern[str]] = []
-        for entry in entries:
-            if len(entry) > 2 and entry.startswith("/") and entry.endswith("/"):
-                try:
-                    regexes.append(re.compile(entry[1:-1], re.IGNORECASE))
-                except re.error as exc:
-                    raise ValueError(f"{entry!r}: bad regular expression: {exc}") from None
-            elif entry.strip():
-                exact.add(entry.strip().lower())
-            else:
-                raise ValueError("an empty entry matches nothing")
-        self._exact = frozenset(exact)
-        self._regexes = tuple(regexes)
-
-    def matches(self, text: str) -> bool:
-        return text.lower() in self._exact or any(rx.search(text) for rx in self._regexes)
+        TextList(self.only_os, "only_os")
 
 
 _BATV = re.compile(r"^(?:prvs|msprvs\d?)=[^=@]*=|^btv1==[^=@]*==", re.IGNORECASE)
@@ -278,7 +253,7 @@ class GreylistCheck(Check[Options]):
         self._recipients = AddressList(options.allow_recipients)
         self._sender_domains = DomainList(options.allow_sender_domains)
         self._countries = frozenset(c.upper() for c in options.skip_countries)
-        self._os = TextMatcher(options.only_os) if options.only_os else None
+        self._os = TextList(options.only_os, "only_os") if options.only_os else None
         state = services.state
         self._ns = state.namespace(self.name)
         self._script = state.script(_SCRIPT)
@@ -326,7 +301,7 @@ class GreylistCheck(Check[Options]):
             return "country"
         if self._os is not None:
             genre = facts.get("p0f.genre")
-            if not genre or not self._os.matches(str(genre)):
+            if not genre or not self._os.matches(str(genre), str(facts.get("p0f.os") or "")):
                 return "os"
         return ""
 

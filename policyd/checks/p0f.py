@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mxward.shared.headers import header_params
+from mxward.shared.matchers import TextList
 from mxward.shared.p0f import HostInfo, P0fClient, P0fError, P0fProtocolError
 from mxward.shared.plugin import Action, Check, LogValue, Result, Services, Stage, Transaction, Verdict
 from mxward.shared.units import Duration
@@ -80,36 +81,16 @@ log = logging.getLogger("mxward.p0f")
 class OsRules:
     """Exact OS names or genres (case-insensitive) and ``/regex/`` entries searched in the genre."""
 
-    __slots__ = ("_exact", "_regexes", "entries")
+    __slots__ = ("_names",)
 
     def __init__(self, entries: tuple[str, ...], option: str = "rules") -> None:
-        exact: set[str] = set()
-        regexes: list[re.Pattern[str]] = []
-        for raw in entries:
-            entry = raw.strip()
-            if len(entry) > 2 and entry.startswith("/") and entry.endswith("/"):
-                try:
-                    regexes.append(re.compile(entry[1:-1], re.IGNORECASE))
-                except re.error as exc:
-                    raise ValueError(f"{option}: {raw!r} is not a valid regular expression: {exc}") from None
-            elif entry:
-                exact.add(entry.casefold())
-            else:
-                raise ValueError(f"{option}: empty entry")
-        self.entries = entries
-        self._exact = frozenset(exact)
-        self._regexes = tuple(regexes)
+        self._names = TextList(entries, option)
 
     def __bool__(self) -> bool:
-        return bool(self.entries)
+        return bool(self._names)
 
     def matches(self, host: HostInfo) -> bool:
-        genre = host.genre
-        if not genre:
-            return False
-        if genre.casefold() in self._exact or host.os_name.casefold() in self._exact:
-            return True
-        return any(rx.search(genre) for rx in self._regexes)
+        return self._names.matches(host.genre, host.os_name)
 
 
 @dataclass(frozen=True, kw_only=True)

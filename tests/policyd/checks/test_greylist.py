@@ -329,6 +329,8 @@ async def test_an_unreachable_store_raises_state_unavailable(tmp_path: Any, cloc
         ({"only_os": ("/^windows/",)}, {"p0f.genre": "Windows 7 or 8"}, None),
         ({"only_os": ("/^windows/",)}, {"p0f.genre": "Linux 3.11 and newer"}, "os"),
         ({"only_os": ("Windows XP",)}, {"p0f.genre": "windows xp"}, None),
+        ({"only_os": ("Windows",)}, {"p0f.genre": "Windows 7 or 8", "p0f.os": "Windows"}, None),
+        ({"only_os": ("Windows",)}, {"p0f.genre": "Linux 3.x", "p0f.os": "Linux"}, "os"),
         ({"only_os": ("Windows XP",)}, {}, "os"),  # p0f saw nothing: not greylisted
     ],
 )
@@ -367,7 +369,10 @@ async def test_the_spf_pool_can_be_turned_off(store: StateStore, clock: FrozenCl
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"skip_countries": ("Germany",)}, "two-letter"), ({"only_os": ("/(/",)}, "bad regular expression")],
+    [
+        ({"skip_countries": ("Germany",)}, "two-letter"),
+        ({"only_os": ("/(/",)}, "not a valid regular expression"),
+    ],
 )
 def test_bad_exemption_options_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
