@@ -130,10 +130,6 @@ class PolicyService:
             if early:
                 results.extend(await self._early_results(early, tx, deadline))
             if stage not in EARLY_STAGES and pipeline.has_checks(stage):
-                if results and isinstance(tx.facts, dict):  # early results may come from the memo
-                    for result in results:
-                        if result.facts:
-                            tx.facts.update(result.facts)
                 results.extend(await pipeline.run((stage,), tx, deadline))
         elif exempt == "recipient" and tx.instance:
             self._message(tx.instance).spared = True
@@ -171,11 +167,17 @@ class PolicyService:
         now = time.monotonic()
         memo = self._memo
         hit = memo.get(key)
-        if hit is not None and hit[0] > now:
-            have = {r.check for r in hit[1]}
-            wanted = {a.name for s in stages for a in self.pipeline.checks if s in a.check.stages}
-            if wanted <= have:
-                return hit[1]
+        if (
+            hit is not None
+            and hit[0] > now
+            and self.pipeline.early_checks(stages[-1]) <= {r.check for r in hit[1]}
+        ):
+            # Remembered: give the later stages' checks the facts a fresh run would have.
+            if isinstance(tx.facts, dict):
+                for result in hit[1]:
+                    if result.facts:
+                        tx.facts.update(result.facts)
+            return hit[1]
         results = tuple(await self.pipeline.run(stages, tx, deadline))
         memo[key] = (now + _MEMO_TTL, results)
         memo.move_to_end(key)

@@ -107,6 +107,9 @@ class Pipeline:
             stage: [s for s in EARLY_STAGES if s.order <= stage.order and self._by_stage[s]]
             for stage in Stage
         }
+        self._early_names = {
+            stage: frozenset(a.name for s in self._early[stage] for a in self._by_stage[s]) for stage in Stage
+        }
         self._verify_facts()
 
     def _verify_facts(self) -> None:
@@ -123,6 +126,10 @@ class Pipeline:
     def early_stages(self, stage: Stage) -> list[Stage]:
         """The connect/helo/mail stages up to ``stage`` that have checks (computed once)."""
         return self._early[stage]
+
+    def early_checks(self, stage: Stage) -> frozenset[str]:
+        """Names of the checks of the connect/helo/mail stages up to ``stage`` (computed once)."""
+        return self._early_names[stage]
 
     # ----------------------------------------------------------------------------------------
     # exemptions
