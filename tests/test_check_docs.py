@@ -22,7 +22,7 @@ def test_module_docstring_documents_every_option(name: str, cls: type[Check[Any]
     """Each Options field appears in the check module's docstring, with the stage and failure."""
     doc = inspect.getmodule(cls).__doc__ or ""  # type: ignore[union-attr]
     assert doc.startswith(f"{name}:"), "the manual starts with the check's name"
-    for section in ("Stage:", "Options", "Failure behaviour", "Redis keys"):
+    for section in ("Stage:", "Options", "Facts", "Failure behaviour", "Redis keys"):
         assert section in doc, f"missing section {section!r}"
     for field in dataclasses.fields(cls.options_type):
         assert f"\n    {field.name} " in doc, f"option {field.name} is not documented"
