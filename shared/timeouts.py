@@ -26,14 +26,14 @@ __all__ = ["Watchdog"]
 class _Budget:
     __slots__ = ("_cancelling", "_done", "_expired", "_seconds", "_task", "_watchdog", "_when")
 
-    def __init__(self, watchdog: Watchdog, when: float) -> None:
+    def __init__(self, watchdog: Watchdog, when: float, seconds: float) -> None:
         self._watchdog = watchdog
         self._when = when
         self._task: asyncio.Task[object] | None = None
         self._done = False
         self._expired = False
         self._cancelling = 0
-        self._seconds = 0.0
+        self._seconds = seconds  # its length: budgets of one length share a FIFO queue
 
     async def __aenter__(self) -> Self:
         task = asyncio.current_task()
@@ -89,9 +89,7 @@ class Watchdog:
             self._heap = []
             self._timer = None
             self._timer_when = float("inf")
-        budget = _Budget(self, loop.time() + seconds)
-        budget._seconds = seconds  # noqa: SLF001
-        return budget
+        return _Budget(self, loop.time() + seconds, seconds)
 
     def _add(self, budget: _Budget) -> None:
         when = budget._when  # noqa: SLF001
