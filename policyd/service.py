@@ -24,6 +24,12 @@ Headers
     reply sends none. Like the memo, this is kept per process: Postfix asks over one connection
     per smtpd process, so the requests of one message reach one worker.
 
+Message facts for the content filter
+    At DATA and END-OF-MESSAGE (when the request carries a queue id), the envelope facts of the
+    message (client, HELO, sender, SASL login, every check's facts, the decisions per
+    recipient) are stored under the queue id (:mod:`mxward.shared.msgfacts`) before the reply
+    goes out, so the content filter finds them when Postfix hands it the message.
+
 Exempt recipients
     A recipient in ``[policyd.exempt] recipients`` (postmaster@, abuse@) is accepted whatever the
     checks say; the DATA and END-OF-MESSAGE requests of that message are exempt too.
@@ -40,9 +46,11 @@ from typing import Final
 
 from mxward.policyd.protocol import STATE_STAGES, action_text
 from mxward.shared.logs import decision_line, info_line
+from mxward.shared.msgfacts import MessageFacts
 from mxward.shared.netutil import parse_ip
 from mxward.shared.pipeline import EARLY_STAGES, Pipeline
 from mxward.shared.plugin import ActionKind, Decision, Result, Stage, Transaction
+from mxward.shared.state import StateError
 
 __all__ = ["PolicyService"]
 
@@ -84,13 +92,14 @@ def transaction(attrs: Mapping[str, str], stage: Stage) -> Transaction:
 class _Message:
     """What the service remembers about one message (by ``instance``) between its requests."""
 
-    __slots__ = ("expires", "pending", "sent", "spared")
+    __slots__ = ("decisions", "expires", "pending", "sent", "spared")
 
     def __init__(self, expires: float) -> None:
         self.expires = expires
         self.sent: set[str] = set()
         self.pending: dict[str, str] = {}
         self.spared = False
+        self.decisions: list[str] = []
 
 
 def _header_name(header: str) -> str:
@@ -100,8 +109,9 @@ def _header_name(header: str) -> str:
 class PolicyService:
     """Decides policy requests with one pipeline; swap :attr:`pipeline` to reload."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, facts: MessageFacts | None = None) -> None:
         self.pipeline = pipeline
+        self.facts = facts
         self._memo: collections.OrderedDict[tuple[str, ...], tuple[float, tuple[Result, ...]]] = (
             collections.OrderedDict()
         )
@@ -151,11 +161,49 @@ class PolicyService:
         text, tx, decision = await self.decide(attrs)
         if log.isEnabledFor(logging.INFO):
             info_line(log, decision_line(tx, decision, text))
+        if self.facts is not None and tx.instance:
+            await self._record(tx, decision, text)
         if decision.results and self.pipeline.has_after_hooks:
             task = asyncio.get_running_loop().create_task(self.pipeline.after(tx, decision))
             self.after_tasks.add(task)
             task.add_done_callback(self.after_tasks.discard)
         return text
+
+    async def _record(self, tx: Transaction, decision: Decision, text: str) -> None:
+        """Remember this request's decision; at DATA/END-OF-MESSAGE store the message's facts."""
+        if decision.stage is Stage.RCPT:
+            message = self._message(tx.instance)
+            if len(message.decisions) < 100:
+                word = text.split(" ", 1)[0]
+                message.decisions.append(f"rcpt=<{tx.recipient}> {word} score={decision.score:g}")
+            return
+        if decision.stage not in (Stage.DATA, Stage.END_OF_MESSAGE) or not tx.queue_id or self.facts is None:
+            return
+        known = self._messages.get(tx.instance)
+        get = tx.attrs.get
+        record = {
+            "client_address": tx.client_address,
+            "client_name": tx.client_name,
+            "reverse_client_name": tx.reverse_client_name,
+            "helo": tx.helo,
+            "sender": tx.sender,
+            "sasl_username": tx.sasl_username,
+            "sasl_method": get("sasl_method", ""),
+            "recipient_count": tx.recipient_count,
+            "size": get("size", ""),
+            "instance": tx.instance,
+            "stage": tx.protocol_state,
+            "decisions": [
+                *(known.decisions if known else ()),
+                f"{tx.protocol_state} {text.split(' ', 1)[0]}",
+            ],
+            "facts": dict(tx.facts),
+        }
+        try:
+            async with asyncio.timeout(1.0):
+                await self.facts.save(tx.queue_id, record)
+        except (StateError, TimeoutError) as exc:
+            log.warning("queue=%s message facts not stored: %s", tx.queue_id, exc)
 
     async def _early_results(
         self, stages: list[Stage], tx: Transaction, deadline: float

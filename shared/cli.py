@@ -76,6 +76,22 @@ def cmd_policyd(args: argparse.Namespace, config: Config) -> int:
     return run_policyd(config, lambda: load(args.config))
 
 
+def cmd_filter(args: argparse.Namespace, config: Config) -> int:
+    from mxward.contentfilter.daemon import run_filter
+
+    _setup_logging(config, "mxward-filter")
+    return run_filter(config, lambda: load(args.config))
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from mxward.contentfilter.daemon import filter_role
+    from mxward.policyd.daemon import policyd_role
+    from mxward.shared.supervisor import supervise
+
+    _setup_logging(config, "mxward")
+    return supervise(config, lambda: load(args.config), [policyd_role(config), filter_role(config)], "run")
+
+
 def cmd_config_check(args: argparse.Namespace, config: Config) -> int:
     names = ", ".join(
         f"{n}{'' if c.common.enabled else ' (disabled)'}{' (observe)' if c.common.mode == 'observe' else ''}"
@@ -139,6 +155,8 @@ def _read_requests(stream: Any) -> list[dict[str, str]]:
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    if args.message:
+        return _check_message(args, config)
     from mxward.policyd.daemon import build_pipeline
     from mxward.policyd.service import PolicyService
     from mxward.shared.logs import kv
@@ -191,6 +209,135 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _check_message(args: argparse.Namespace, config: Config) -> int:
+    """``mxward check message.eml``: the content checks on a message file, offline."""
+    from mxward.contentfilter.daemon import build_filter_pipeline, karma_rules
+    from mxward.contentfilter.message import Message
+    from mxward.contentfilter.service import FilterService
+    from mxward.shared.logs import kv
+    from mxward.shared.msgfacts import MessageFacts
+
+    try:
+        with open(args.message, "rb") as stream:
+            data = stream.read(config.filter.max_message_size + 1)
+    except OSError as exc:
+        print(f"mxward check: {args.message}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if len(data) > config.filter.max_message_size:
+        print(f"mxward check: {args.message}: larger than [filter] max_message_size", file=sys.stderr)
+        return 2
+    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # a file has LF line ends
+    xforward = {"ADDR": args.client_ip or "", "HELO": args.helo or "", "NAME": args.client_name or ""}
+    if args.queue_id:
+        xforward["IDENT"] = args.queue_id
+
+    async def run() -> None:
+        async with _services(config) as services:
+            pipeline, checks = await build_filter_pipeline(config, services)
+            service = FilterService(
+                config.filter,
+                services,
+                pipeline,
+                facts=MessageFacts(services.state, config.policyd.message_facts_ttl)
+                if args.queue_id
+                else None,
+                quarantine=None,
+                karma_rules=karma_rules(config),
+                authserv_id=config.filter.authserv_id or services.hostname,
+            )
+            try:
+                message = Message.parse(data)
+                judgement = await service.judge(
+                    message, sender=args.sender or "", recipients=args.to or [], xforward=xforward
+                )
+                decision = judgement.decision
+                print(
+                    f"message {args.message}: {message.size} bytes, {len(message.headers)} header fields"
+                    + (f", defects: {' '.join(message.defects)}" if message.defects else "")
+                )
+                if args.queue_id:
+                    print(f"  policyd facts for queue id {args.queue_id}: {judgement.policy}")
+                for r in decision.results:
+                    mode = " observe" if r.observed else ""
+                    forced = f" forces {r.action.kind.name}" if r.action and not r.observed else ""
+                    details = " ".join(f"{k}={kv(v)}" for k, v in r.log.items())
+                    print(
+                        f"  {r.check:<12} {r.verdict.value:<5} score={r.score:g}{mode}{forced}"
+                        f" {r.elapsed_ms:.1f}ms {details}".rstrip()
+                    )
+                    if r.reason:
+                        print(f"  {'':<12} reason: {r.reason}")
+                print(
+                    f"  total score {decision.score:g} (tag at {config.filter.tag_score:g},"
+                    f" reject at {config.filter.reject_score:g})"
+                )
+                print(f"  action={judgement.verdict} ({config.filter.mode} mode)")
+                if decision.reasons and judgement.verdict not in ("pass", "tag"):
+                    print(f"  reason: {'; '.join(decision.reasons)}")
+                if judgement.verdict in ("pass", "tag") or args.headers:
+                    out = service.render(message, judgement)
+                    head = out[: len(out) - len(message.raw) + message.body_offset]
+                    added = head.decode("utf-8", "replace").split("\r\n")
+                    print("  headers as delivered (first lines):")
+                    for line in added[: max(4, len(added) - len(message.headers) - 1)][:12]:
+                        print(f"    {line}")
+            finally:
+                for check in checks:
+                    await check.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
+    from mxward.contentfilter.quarantine import Quarantine, run_command
+
+    async def run() -> int:
+        async with _services(config) as services:
+            quarantine = Quarantine(
+                config.data_dir / "quarantine",
+                services.state,
+                node=services.hostname,
+                retention=config.filter.quarantine_retention,
+                clock=services.clock,
+            )
+            return await run_command(args, quarantine, _release_sender(config, services.hostname))
+
+    return asyncio.run(run())
+
+
+def _release_sender(config: Config, helo: str) -> Any:
+    """Reinjection for ``mxward quarantine release``: the original envelope, to [filter] reinject."""
+    from mxward.contentfilter.reinject import Downstream, DownstreamError
+
+    async def send(entry: Any, content: bytes) -> None:
+        _, host, port = parse_listen(config.filter.reinject)
+        downstream = Downstream(host, port, helo=helo, timeout=config.filter.reinject_timeout)
+        await downstream.connect()
+        try:
+            recipients = list(entry.recipients)
+            options = list(getattr(entry, "rcpt_options", ()) or ())
+            mail_options = " ".join(getattr(entry, "mail_options", ()) or ())
+            reply = await downstream.command(f"MAIL FROM:<{entry.sender}> {mail_options}".rstrip())
+            if not reply.ok:
+                raise DownstreamError(f"MAIL FROM refused: {reply.relay()}")
+            accepted = 0
+            for index, rcpt in enumerate(recipients):
+                params = " ".join(options[index]) if index < len(options) else ""
+                reply = await downstream.command(f"RCPT TO:<{rcpt}> {params}".rstrip())
+                if reply.ok:
+                    accepted += 1
+                else:
+                    raise DownstreamError(f"RCPT TO:<{rcpt}> refused: {reply.relay()}")
+            reply = await downstream.send_data(content)
+            if not reply.ok:
+                raise DownstreamError(f"message refused: {reply.relay()}")
+        finally:
+            await downstream.close()
+
+    return send
 
 
 def cmd_greylist(args: argparse.Namespace, config: Config) -> int:
@@ -361,7 +508,62 @@ smtpd_end_of_data_restrictions =
         )
     if "earlytalker" in config.checks:
         print(_earlytalker_lines(config, early, data_check))
+    print(_filter_lines(config))
     return 0
+
+
+def _filter_lines(config: Config) -> str:
+    """main.cf and (commented) master.cf lines that put the content filter in Postfix's path."""
+    f = config.filter
+    _, host, port = parse_listen(f.listen[0])
+    _, rhost, rport = parse_listen(f.reinject)
+    listen = f"[{host}]:{port}"
+    deadline = int(f.deadline)
+    reinject_service = [
+        f"{rhost}:{rport} inet n  -       n       -       20      smtpd",
+        "    -o content_filter=",
+        "    -o smtpd_proxy_filter=",
+        "    -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters",
+        "    -o smtpd_helo_restrictions=",
+        "    -o smtpd_client_restrictions=",
+        "    -o smtpd_sender_restrictions=",
+        "    -o smtpd_relay_restrictions=",
+        "    -o smtpd_recipient_restrictions=permit_mynetworks,reject",
+        "    -o smtpd_data_restrictions=",
+        "    -o smtpd_end_of_data_restrictions=",
+        "    -o mynetworks=127.0.0.0/8,[::1]/128",
+        "    -o smtpd_authorized_xforward_hosts=127.0.0.0/8,[::1]/128",
+    ]
+    out = ["", "# ---- content filter (mxward filter, [filter] mode = " + repr(f.mode) + ")"]
+    if f.mode == "after-queue":
+        out += [
+            "# After-queue: Postfix queues the mail, hands it to mxward over SMTP and mxward",
+            "# reinjects it into a second smtpd; a 4xx from mxward keeps the mail queued.",
+            f"content_filter = scan:{listen}",
+            "receive_override_options = no_address_mappings",
+            "",
+            "# ---- master.cf for the content filter (not main.cf): the scan transport and the",
+            "# reinjection smtpd. Uncomment in /etc/postfix/master.cf; keep the reinjection",
+            "# smtpd's maxproc at least the scan transport's.",
+            "# scan      unix  -       -       n       -       10      smtp",
+            "#     -o smtp_send_xforward_command=yes",
+            "#     -o disable_mime_output_conversion=yes",
+            "#     -o smtp_generic_maps=",
+            f"#     -o smtp_data_done_timeout={max(deadline * 2, 120)}s",
+        ]
+    else:
+        out += [
+            "# Before-queue proxy: the public smtpd passes each SMTP session through mxward,",
+            "# so a content rejection (5xx) reaches the sending client and nothing bounces.",
+            "# ---- master.cf for the content filter (not main.cf): on the public smtpd service add",
+            "# the -o lines below, and add the reinjection smtpd (uncomment in /etc/postfix/master.cf).",
+            "# smtp      inet  n       -       n       -       20      smtpd",
+            f"#     -o smtpd_proxy_filter={host}:{port}",
+            "#     -o smtpd_proxy_options=speed_adjust",
+            f"#     -o smtpd_proxy_timeout={min(deadline + 30, 300)}s",
+        ]
+    out += [f"# {line}" for line in reinject_service]
+    return "\n".join(out)
 
 
 def _early_observe(early: tuple[Any, bool] | None) -> bool:
@@ -447,17 +649,35 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"mxward {_version()}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser(
-        "run", help="run mxward: the policy daemon and, without [state] url, the embedded state server"
+        "run",
+        help="run mxward: the policy daemon, the content filter and, without [state] url, "
+        "the embedded state server",
+    )
+    sub.add_parser(
+        "filter",
+        help="run the SMTP content filter (starts the embedded state server "
+        "if no [state] url is set and none is running)",
     )
     sub.add_parser(
         "policyd",
         help="run the Postfix policy daemon (starts the embedded state server "
         "if no [state] url is set and none is running)",
     )
-    sub.add_parser(
+    check_cmd = sub.add_parser(
         "check",
         help="decide policy requests read from stdin (name=value lines, a blank line "
-        "between requests) and print every check's result; state is updated as for real requests",
+        "between requests) and print every check's result; state is updated as for real requests. "
+        "With a message file: run the content checks on it offline",
+    )
+    check_cmd.add_argument("message", nargs="?", help="a message file (.eml): run the content checks on it")
+    check_cmd.add_argument("--client-ip", help="message mode: the sending client's address")
+    check_cmd.add_argument("--client-name", help="message mode: the client's verified host name")
+    check_cmd.add_argument("--helo", help="message mode: the client's HELO name")
+    check_cmd.add_argument("--from", dest="sender", help="message mode: the envelope sender")
+    check_cmd.add_argument("--to", action="append", help="message mode: an envelope recipient (repeatable)")
+    check_cmd.add_argument("--queue-id", help="message mode: read policyd's facts for this Postfix queue id")
+    check_cmd.add_argument(
+        "--headers", action="store_true", help="message mode: show the headers mxward adds"
     )
     grey = sub.add_parser("greylist", help="list, allow or remove greylisting entries")
     grey.add_argument("action", choices=["list", "allow", "remove"])
@@ -474,15 +694,20 @@ def parser() -> argparse.ArgumentParser:
     )
     state = sub.add_parser("state", help="show the Redis key layout and test the connection")
     state.add_argument("action", choices=["keys"])
-    sub.add_parser("postfix-config", help="print the main.cf lines for this configuration")
+    from mxward.contentfilter.quarantine import add_parser as add_quarantine_parser
+
+    add_quarantine_parser(sub)
+    sub.add_parser("postfix-config", help="print the main.cf and master.cf lines for this configuration")
     check = sub.add_parser("config-check", help="validate a configuration file (exit 78 if invalid)")
     check.add_argument("file", nargs="?", help="file to check (default: the --config file)")
     return top
 
 
 COMMANDS = {
-    "run": cmd_policyd,
+    "run": cmd_run,
     "policyd": cmd_policyd,
+    "filter": cmd_filter,
+    "quarantine": cmd_quarantine,
     "check": cmd_check,
     "greylist": cmd_greylist,
     "karma": cmd_karma,
@@ -501,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mxward: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    if args.command not in ("run", "policyd"):
+    if args.command not in ("run", "policyd", "filter"):
         _setup_logging(config, "mxward", stderr=True)
         if args.command != "check":
             logging.getLogger().setLevel(logging.WARNING)

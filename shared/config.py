@@ -48,6 +48,7 @@ __all__ = [
     "ConfigError",
     "Duration",
     "ExemptSettings",
+    "FilterSettings",
     "GeneralSettings",
     "PolicydSettings",
     "ScoringSettings",
@@ -141,6 +142,8 @@ class PolicydSettings:
     max_request_size: int = 65536
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     tempfail_text: str = "Temporary local problem, please try again later"
+    message_facts: bool = True
+    message_facts_ttl: Duration = 6 * 3600.0
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     exempt: ExemptSettings = field(default_factory=ExemptSettings)
 
@@ -161,10 +164,77 @@ class PolicydSettings:
             raise ValueError(f'socket_mode {self.socket_mode!r} is not an octal mode like "0660"')
         if len(set(self.checks)) != len(self.checks):
             raise ValueError("checks: a check is listed twice")
+        if not 60 <= self.message_facts_ttl <= 7 * 86400:
+            raise ValueError("message_facts_ttl must be between 1m and 7d")
 
     @property
     def stage(self) -> Stage:
         return Stage.parse(self.reject_stage)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterSettings:
+    """``[filter]``: the SMTP content filter (after-queue ``content_filter`` or before-queue
+    ``smtpd_proxy_filter``)."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:10025",)
+    mode: Literal["after-queue", "proxy"] = "after-queue"
+    reinject: str = "127.0.0.1:10026"
+    workers: int = 0
+    allowed_clients: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    xforward_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    checks: tuple[str, ...] = ("headers",)
+    authserv_id: str = ""
+    max_message_size: int = 52428800
+    max_line_length: int = 65536
+    max_recipients: int = 1000
+    idle_timeout: Duration = 300.0
+    deadline: Duration = 60.0
+    reinject_timeout: Duration = 120.0
+    relay_downstream_rejects: bool = False
+    shutdown_grace: Duration = 30.0
+    tag_score: float = 5.0
+    reject_score: float = 10.0
+    reject_action: Literal["quarantine", "discard", "tag"] = "quarantine"
+    reject_code: int = 554
+    reject_dsn: str = "5.7.1"
+    spam_headers: bool = True
+    subject_prefix: str = ""
+    quarantine_retention: Duration = 30 * 86400.0
+    karma: bool = True
+    tempfail_text: str = "Temporary local problem, please try again later"
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ValueError("listen: at least one address is needed")
+        for address in self.listen:
+            parse_listen(address)
+        kind, _, _ = parse_listen(self.reinject)
+        if kind != "inet":
+            raise ValueError("reinject: write host:port of the reinjection smtpd")
+        NetworkList(self.allowed_clients)
+        NetworkList(self.xforward_hosts)
+        if self.workers < 0 or self.workers > 256:
+            raise ValueError("workers must be between 0 (= number of cores) and 256")
+        if len(set(self.checks)) != len(self.checks):
+            raise ValueError("checks: a check is listed twice")
+        if self.max_message_size < 1024 or self.max_line_length < 1000 or self.max_recipients < 1:
+            raise ValueError("max_message_size must be >= 1024, max_line_length >= 1000, max_recipients >= 1")
+        limit = 100.0 if self.mode == "proxy" else 600.0
+        if not 0 < self.deadline < limit:
+            raise ValueError(
+                f"deadline must be above 0 and below Postfix's {limit:g}s "
+                + ("smtpd_proxy_timeout" if self.mode == "proxy" else "smtp_data_done_timeout")
+            )
+        if self.tag_score > self.reject_score:
+            raise ValueError("tag_score must not be above reject_score")
+        if not (500 <= self.reject_code <= 599 and self.reject_dsn.startswith("5.")):
+            raise ValueError("reject_code must be 5xx and reject_dsn 5.x.y")
+        if any(c in self.subject_prefix for c in "\r\n\0"):
+            raise ValueError("subject_prefix must be one line")
+        if self.authserv_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", self.authserv_id):
+            raise ValueError(f"authserv_id {self.authserv_id!r} is not a host name")
 
 
 def parse_listen(address: str) -> tuple[str, str, int]:
@@ -217,7 +287,10 @@ class Config:
     state: StateSettings = field(default_factory=StateSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
     policyd: PolicydSettings = field(default_factory=PolicydSettings)
+    filter: FilterSettings = field(default_factory=FilterSettings)
     checks: Mapping[str, CheckConfig] = field(default_factory=dict)
+    # The content filter's checks ([filter] checks), same [checks.<name>] tables.
+    filter_checks: Mapping[str, CheckConfig] = field(default_factory=dict)
     # [checks.<name>] tables of checks that no pipeline lists: validated, not run.
     inactive: Mapping[str, CheckConfig] = field(default_factory=dict)
 
@@ -231,6 +304,7 @@ _TOP_TABLES: dict[str, tuple[str, type[Any]]] = {
     "state": ("state", StateSettings),
     "dns": ("dns", DnsSettings),
     "policyd": ("policyd", PolicydSettings),
+    "filter": ("filter", FilterSettings),
 }
 
 
@@ -418,11 +492,21 @@ def parse_config(data: Mapping[str, Any], *, source: str, resolve_check: CheckRe
         except CheckLoadError as exc:
             raise ConfigError(f"{label}: [policyd] checks: {exc}") from None
         checks[name] = _build_check(cls, check_tables.get(name, {}), label)
+        _stages_fit(cls, label, "policyd", content=False)
+    filter_settings: FilterSettings = kwargs.get("filter") or FilterSettings()
+    filter_checks: dict[str, CheckConfig] = {}
+    for name in filter_settings.checks:
+        try:
+            cls = resolve_check(name)
+        except CheckLoadError as exc:
+            raise ConfigError(f"{label}: [filter] checks: {exc}") from None
+        filter_checks[name] = checks.get(name) or _build_check(cls, check_tables.get(name, {}), label)
+        _stages_fit(cls, label, "filter", content=True)
     # A table for a check that no pipeline lists is still validated (a typo in it is an error
     # now, not when the check is switched on), and reported by `mxward config-check`.
     inactive: dict[str, CheckConfig] = {}
     for name, table in check_tables.items():
-        if name in checks:
+        if name in checks or name in filter_checks:
             continue
         try:
             cls = resolve_check(name)
@@ -430,11 +514,25 @@ def parse_config(data: Mapping[str, Any], *, source: str, resolve_check: CheckRe
             raise ConfigError(f"{label}: [checks.{name}]: {exc}") from None
         inactive[name] = _build_check(cls, table, label)
     kwargs["checks"] = checks
+    kwargs["filter_checks"] = filter_checks
     kwargs["inactive"] = inactive
     try:
         return Config(**kwargs)
     except ValueError as exc:
         raise ConfigError(f"{label}: {exc}") from None
+
+
+def _stages_fit(cls: type[Check[Any]], label: str, table: str, *, content: bool) -> None:
+    """A check runs where its stages are: the envelope stages in policyd, CONTENT in the filter."""
+    has_content = Stage.CONTENT in cls.stages
+    if content and not has_content:
+        raise ConfigError(
+            f"{label}: [{table}] checks: {cls.name!r} is an envelope check; list it in [policyd] checks"
+        )
+    if not content and cls.stages == {Stage.CONTENT}:
+        raise ConfigError(
+            f"{label}: [{table}] checks: {cls.name!r} is a content check; list it in [filter] checks"
+        )
 
 
 def _build_check(cls: type[Check[Any]], table: Any, label: str) -> CheckConfig:

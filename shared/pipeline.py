@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from mxward.shared.dns import DnsError
 from mxward.shared.matchers import AddressList
@@ -48,9 +49,13 @@ from mxward.shared.plugin import (
     Verdict,
 )
 from mxward.shared.state import StateError
+
+if TYPE_CHECKING:
+    from mxward.shared.config import CheckConfig
+    from mxward.shared.plugin import Services
 from mxward.shared.timeouts import Watchdog
 
-__all__ = ["EARLY_STAGES", "ActiveCheck", "Pipeline", "PipelineSettings"]
+__all__ = ["EARLY_STAGES", "ActiveCheck", "Pipeline", "PipelineSettings", "start_pipeline"]
 
 # Stages whose results hold for the whole transaction (policyd computes them once per message).
 EARLY_STAGES = (Stage.CONNECT, Stage.HELO, Stage.MAIL)
@@ -340,6 +345,38 @@ class Pipeline:
                 raise
             except Exception as exc:
                 log.warning("check=%s after-hook failed: %s: %s", active.name, type(exc).__name__, exc)
+
+
+async def start_pipeline(
+    configs: Sequence[CheckConfig], settings: PipelineSettings, services: Services
+) -> tuple[Pipeline, list[Check[Any]]]:
+    """Instantiate and start the enabled checks in order; the pipeline and the started checks.
+
+    If one fails to start, those already started are closed again and the error propagates.
+    """
+    active: list[ActiveCheck] = []
+    started: list[Check[Any]] = []
+    try:
+        for cfg in configs:
+            if not cfg.common.enabled:
+                continue
+            check = cfg.cls(cfg.options, services)
+            await check.start()
+            started.append(check)
+            active.append(
+                ActiveCheck(
+                    check=check,
+                    timeout=cfg.common.timeout,
+                    on_error=cfg.common.on_error,
+                    observe=cfg.common.mode == "observe",
+                )
+            )
+        return Pipeline(active, settings), started
+    except BaseException:
+        for check in started:
+            with contextlib.suppress(Exception):
+                await check.aclose()
+        raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 if TYPE_CHECKING:
+    from mxward.contentfilter.message import Message
+    from mxward.shared.authresults import AuthResult
     from mxward.shared.clock import Clock
     from mxward.shared.dns import Resolver
     from mxward.shared.state import StateStore
@@ -161,6 +163,7 @@ class Result:
     facts: Mapping[str, LogValue] = field(default_factory=dict)
     action: Action | None = None
     header: str = ""
+    auth: tuple[AuthResult, ...] = ()
     elapsed_ms: float = 0.0
     observed: bool = False
 
@@ -174,6 +177,9 @@ class Transaction:
     of this transaction provided (the pipeline adds to this dict as checks finish; a check
     only reads it). ``stage`` is the stage of the request (its protocol_state);
     the stage a check is run for is the ``stage`` argument of :meth:`Check.check`.
+
+    In the content filter (stage CONTENT) ``message`` is the parsed message, shared by all
+    checks, and ``recipients`` the envelope recipients (``recipient`` is empty there).
     """
 
     stage: Stage
@@ -191,6 +197,8 @@ class Transaction:
     protocol_state: str = ""
     attrs: Mapping[str, str] = field(default_factory=dict)
     facts: Mapping[str, LogValue] = field(default_factory=dict)
+    recipients: tuple[str, ...] = ()
+    message: Message | None = None
 
     def with_facts(self, facts: Mapping[str, LogValue]) -> Transaction:
         return dataclasses.replace(self, facts=facts)
@@ -275,6 +283,10 @@ class Check(abc.ABC, Generic[OptionsT]):
         header: str = "",
         **log: LogValue,
     ) -> Result:
+        """A result of this check; ``log`` keywords become the operator's key=value data.
+
+        (A check that reports Authentication-Results builds its ``Result`` with ``auth=``.)
+        """
         return Result(
             check=self.name,
             verdict=verdict,

@@ -180,6 +180,7 @@ def _defaults(config: Config) -> dict[str, Any]:
         "state": config.state,
         "dns": config.dns,
         "policyd": config.policyd,
+        "filter": config.filter,
     }
     out: dict[str, Any] = {}
 
@@ -193,7 +194,7 @@ def _defaults(config: Config) -> dict[str, Any]:
 
     for table, obj in tables.items():
         walk(f"{table}.", obj)
-    for name, check in {**config.checks, **config.inactive}.items():
+    for name, check in {**config.checks, **config.filter_checks, **config.inactive}.items():
         walk(f"checks.{name}.", check.common)
         walk(f"checks.{name}.", check.options)
         out[f"checks.{name}.timeout"] = check.cls.timeout

@@ -628,6 +628,7 @@ class QueuedMessage:
 # Reading `mxward postfix-config` output
 
 _MASTER_MARKER = "# ---- master.cf"
+_FILTER_MASTER_MARKER = "# ---- master.cf for the content filter"
 # name, type, private, unpriv, chroot, wakeup, maxproc, command: a master.cf service line
 _MASTER_SERVICE = re.compile(
     r"^# ([\w.:\[\]/-]+\s+(?:inet|unix|unix-dgram|fifo|pass)(?:\s+[ny-])(?:\s+[ny-]){2}\s+\S+\s+\S+\s+\S.*)$"
@@ -640,6 +641,7 @@ class PostfixConfig:
 
     main_cf: dict[str, str]  # logical lines: continuation lines joined with one space
     master_cf: tuple[str, ...]  # printed commented out, after the "# ---- master.cf" marker
+    filter_master_cf: tuple[str, ...] = ()  # the content filter's (after its own marker)
 
 
 def parse_postfix_config(text: str) -> PostfixConfig:
@@ -651,15 +653,21 @@ def parse_postfix_config(text: str) -> PostfixConfig:
     """
     settings: dict[str, str] = {}
     services: list[str] = []
+    filter_services: list[str] = []
     current = ""
-    in_master = False
+    section: list[str] | None = None
     for line in text.splitlines():
-        if line.startswith(_MASTER_MARKER):
-            in_master = True
+        if line.startswith(_FILTER_MASTER_MARKER):
+            section = filter_services
             continue
-        if in_master:
-            if match := _MASTER_SERVICE.match(line):
-                services.append(match.group(1))
+        if line.startswith(_MASTER_MARKER):
+            section = services
+            continue
+        if line.startswith("# ---- "):
+            section = None
+            continue
+        if section is not None and (match := _MASTER_SERVICE.match(line)):
+            section.append(match.group(1))
             continue
         if not line.strip() or line.startswith("#"):
             continue
@@ -673,7 +681,7 @@ def parse_postfix_config(text: str) -> PostfixConfig:
             raise ValueError(f"not a main.cf line: {line!r}")
         current = name.strip()
         settings[current] = value.strip()
-    return PostfixConfig(main_cf=settings, master_cf=tuple(services))
+    return PostfixConfig(main_cf=settings, master_cf=tuple(services), filter_master_cf=tuple(filter_services))
 
 
 # --------------------------------------------------------------------------------------------

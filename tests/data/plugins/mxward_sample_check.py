@@ -43,3 +43,17 @@ class SampleCheck(Check[Options]):
             action=action,
             rcpt=tx.recipient,
         )
+
+
+class SlowContentCheck(Check[Options]):
+    """A content check that sleeps ``sleep`` before passing (the filter's fault tests)."""
+
+    name: ClassVar[str] = "slowcontent"
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.CONTENT})
+    options_type: ClassVar[type[Any]] = Options
+
+    async def check(self, stage: Stage, tx: Transaction) -> Result:
+        if self.options.sleep:
+            await asyncio.sleep(self.options.sleep)
+        action = Action.reject("slowcontent check says no") if self.options.reject else None
+        return self.result(Verdict(self.options.verdict), self.options.score, "slow reason", action=action)

@@ -1,0 +1,149 @@
+"""End to end: a real private Postfix hands mail to the real `mxward filter`, which reinjects it.
+
+After-queue (content_filter) and before-queue (smtpd_proxy_filter) modes, with the headers
+check and Authentication-Results on, delivering to the test sink.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.filter_setup import filter_lab
+from support.policy_client import MXWARD
+from support.postfix import build_message, send_mail
+
+pytestmark = pytest.mark.postfix
+
+AUTHSERV = "mx.test.example"
+
+
+def _no_date(sender: str, rcpt: str) -> bytes:
+    """A message the headers check fails: no Date header."""
+    lines = [
+        f"From: <{sender}>",
+        f"To: <{rcpt}>",
+        "Subject: no date here",
+        "Message-ID: <nd@client.test.example>",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\nbody\r\n").encode()
+
+
+def test_clean_message_is_delivered_with_exactly_one_authentication_results(
+    tmp_path: Path, postfix: Any, redis_server: Any
+) -> None:
+    with filter_lab(tmp_path, postfix, redis_server.url) as lab:
+        sent = send_mail(lab.postfix.smtpd_port, mail_from="alice@sender.example", rcpt_to=["bob@sink.test"])
+        assert sent.data is not None and sent.data.code == 250, sent
+        delivered = lab.postfix.sink.wait_delivered("bob@sink.test", timeout=20)
+        ar = delivered.headers("Authentication-Results")
+        assert len(ar) == 1, ar
+        assert ar[0].startswith(AUTHSERV)
+        assert delivered.headers("X-Spam-Status")[0].startswith("No, score=0")
+        # the envelope is unchanged, and the reinjection logged the original client (XFORWARD)
+        assert delivered.mail_from == "alice@sender.example"
+        maillog = lab.postfix.maillog()
+        assert "orig_client=" in maillog and "127.0.0.2" in maillog
+        line = lab.daemon.wait_log("filter queue=")
+        assert "action=pass" in line
+
+
+def test_forged_authentication_results_with_our_id_is_removed(
+    tmp_path: Path, postfix: Any, redis_server: Any
+) -> None:
+    with filter_lab(tmp_path, postfix, redis_server.url) as lab:
+        message = build_message(
+            "alice@sender.example",
+            ["bob@sink.test"],
+            headers={
+                "Authentication-Results": f"{AUTHSERV}; dkim=pass header.d=bank.example",
+                "X-Other": "kept",
+            },
+        )
+        message = message.replace(
+            b"X-Other: kept", b"X-Other: kept\r\nAuthentication-Results: other.example; spf=pass"
+        )
+        sent = send_mail(
+            lab.postfix.smtpd_port,
+            mail_from="alice@sender.example",
+            rcpt_to=["bob@sink.test"],
+            message=message,
+        )
+        assert sent.data is not None and sent.data.code == 250
+        delivered = lab.postfix.sink.wait_delivered("bob@sink.test", timeout=20)
+        ar = delivered.headers("Authentication-Results")
+        ours = [v for v in ar if v.startswith(AUTHSERV)]
+        assert len(ours) == 1 and "bank.example" not in ours[0], ar
+        assert any(v.startswith("other.example") for v in ar), "someone else's A-R stays"
+
+
+def test_header_failure_is_quarantined_after_queue(tmp_path: Path, postfix: Any, redis_server: Any) -> None:
+    with filter_lab(tmp_path, postfix, redis_server.url) as lab:
+        sent = send_mail(
+            lab.postfix.smtpd_port,
+            mail_from="alice@sender.example",
+            rcpt_to=["bob@sink.test"],
+            message=_no_date("alice@sender.example", "bob@sink.test"),
+        )
+        assert sent.data is not None and sent.data.code == 250  # queued by Postfix, no bounce
+        line = lab.daemon.wait_log("action=quarantine", timeout=20)
+        assert "quarantined as" in line
+        lab.postfix.wait_for_log(r"status=sent \(250 2\.0\.0 Ok: quarantined as", timeout=20)
+        assert lab.postfix.sink.delivered_to("bob@sink.test") == []
+        listed = subprocess.run(
+            [MXWARD, "--config", str(lab.config), "quarantine", "list", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        entries = json.loads(listed.stdout)
+        assert len(entries) == 1 and entries[0]["sender"] == "alice@sender.example"
+        assert "Date" in entries[0]["reason"]
+        # released: delivered to the original recipient
+        released = subprocess.run(
+            [MXWARD, "--config", str(lab.config), "quarantine", "release", entries[0]["id"]],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert released.returncode == 0, released.stderr
+        delivered = lab.postfix.sink.wait_delivered("bob@sink.test", timeout=20)
+        assert b"Subject: no date here" in delivered.data
+
+
+def test_header_failure_is_rejected_in_proxy_mode(tmp_path: Path, postfix: Any, redis_server: Any) -> None:
+    with filter_lab(tmp_path, postfix, redis_server.url, mode="proxy") as lab:
+        sent = send_mail(
+            lab.postfix.smtpd_port,
+            mail_from="alice@sender.example",
+            rcpt_to=["bob@sink.test"],
+            message=_no_date("alice@sender.example", "bob@sink.test"),
+        )
+        assert sent.data is not None and sent.data.code >= 500, sent
+        assert "Date" in sent.data.text
+        assert lab.postfix.queue() == []
+        clean = send_mail(
+            lab.postfix.smtpd_port, mail_from="alice@sender.example", rcpt_to=["carol@sink.test"]
+        )
+        assert clean.data is not None and clean.data.code == 250, clean
+        delivered = lab.postfix.sink.wait_delivered("carol@sink.test", timeout=20)
+        assert len(delivered.headers("Authentication-Results")) == 1
+        assert lab.postfix.sink.delivered_to("bob@sink.test") == []
+
+
+def test_multi_recipient_message_is_delivered_once_to_each(
+    tmp_path: Path, postfix: Any, redis_server: Any
+) -> None:
+    rcpts = [f"user{n}@sink.test" for n in range(5)]
+    with filter_lab(tmp_path, postfix, redis_server.url) as lab:
+        sent = send_mail(lab.postfix.smtpd_port, mail_from="alice@sender.example", rcpt_to=rcpts)
+        assert sent.data is not None and sent.data.code == 250
+        for rcpt in rcpts:
+            lab.postfix.sink.wait_delivered(rcpt, timeout=20)
+        lab.postfix.wait_for_log(r"status=sent", timeout=20)
+        counts = {rcpt: len(lab.postfix.sink.delivered_to(rcpt)) for rcpt in rcpts}
+        assert counts == dict.fromkeys(rcpts, 1)
+        assert lab.postfix.queue() == []
