@@ -172,8 +172,15 @@ async def _worker(
     async def purge() -> None:
         while True:
             await asyncio.sleep(3600)
-            with contextlib.suppress(Exception):
-                await runtime.service.quarantine.purge() if runtime.service.quarantine else None
+            if runtime.service.quarantine is None:
+                continue
+            try:
+                removed = await runtime.service.quarantine.purge()
+            except Exception as exc:  # logged; the next hour tries again
+                log.warning("quarantine purge failed: %s", exc)
+            else:
+                if removed:
+                    log.info("quarantine purge removed %d expired messages", removed)
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -15,8 +15,8 @@ Header block
     A field starts at a line that begins with a name (printable ASCII or 8-bit bytes, no space,
     control character or colon), optional spaces or tabs, and a colon (RFC 5322 section 2.2 and
     the obsolete space before the colon, section 4.5). Lines that start with a space or a tab
-    continue the field before them (folding). Lines may end in CRLF or in a bare LF. The block
-    ends at the first empty line; the body starts after it.
+    continue the field before them (folding; also a line of whitespace only). Lines may end in
+    CRLF or in a bare LF. The block ends at the first empty line; the body starts after it.
 
     A first line ``From ...`` that is not a field (an mbox separator, as in a file saved from a
     mailbox) is skipped and kept in ``raw``. Any other line that is neither a field nor a
@@ -30,7 +30,7 @@ Header block
     still starts after the first empty line, wherever it is.
 
 :class:`Header` values are unfolded (the line ends before folding whitespace removed), with
-leading whitespace and the final line end stripped, and decoded as UTF-8 with
+leading whitespace and the trailing CR and LF stripped, and decoded as UTF-8 with
 ``surrogateescape``, so ``value.encode("utf-8", "surrogateescape")`` gives the bytes back.
 :meth:`Message.decoded` and :func:`decode_words` also decode RFC 2047 encoded words.
 
@@ -62,9 +62,10 @@ Defect words
              too-many-parts, mime-too-deep, decoded-size-limit, mime-parse-error (a part
              could not be read at all; the parts found so far are kept)
 
-:meth:`Message.rewrite` builds the message to pass on: new fields at the top of the header,
-fields removed or replaced by index, and every other byte as received (the mbox line, unparsed
-header bytes, the separator and the body).
+:meth:`Message.rewrite` builds the message to pass on: new fields at the top of the header
+(below an mbox ``From`` line, so that the result reads the same way), fields removed or
+replaced by index, and every other byte as received (the mbox line, unparsed header bytes, the
+separator and the body).
 """
 
 from __future__ import annotations
@@ -195,9 +196,10 @@ def _scan_header(data: bytes, start: int, end: int, limit: int, mbox: bool) -> _
             sep = body = end
     pos = start
     if mbox and data.startswith(b"From ", pos, sep) and _FIELD.match(data, pos, sep) is None:
-        nl = data.find(b"\n", pos, sep)
-        pos = sep if nl == -1 else nl + 1
-        defects.append("mbox-from-line")
+        nl = data.find(b"\n", pos, end)
+        if nl != -1:  # a line of its own (without a line end it is just a malformed line)
+            pos = nl + 1
+            defects.append("mbox-from-line")
     first = pos
     cap = start + max(limit, 0)
     if sep <= cap:
@@ -245,7 +247,7 @@ def _scan_header(data: bytes, start: int, end: int, limit: int, mbox: bool) -> _
 
 
 def _unfold(value: bytes) -> bytes:
-    """A field's value: the final line end, the line ends of folding and leading WSP removed."""
+    """A field's value: trailing CR/LF, the line ends of folding and leading WSP removed."""
     return value.rstrip(b"\r\n").replace(b"\r\n", b"").replace(b"\n", b"").lstrip(b" \t")
 
 
@@ -265,7 +267,9 @@ class Message:
     header_defects: tuple[str, ...]
     """The defects found by :meth:`parse` alone (the header block); cheap, unlike ``defects``."""
 
-    def __init__(self, data: bytes, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
+    def __init__(
+        self, data: bytes | bytearray | memoryview, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    ) -> None:
         if not isinstance(data, bytes):
             if not isinstance(data, (bytearray, memoryview)):
                 raise TypeError(f"a message is bytes, not {type(data).__name__}")
@@ -290,7 +294,9 @@ class Message:
         self.header_defects = tuple(defects)
 
     @classmethod
-    def parse(cls, data: bytes, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> Message:
+    def parse(
+        cls, data: bytes | bytearray | memoryview, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    ) -> Message:
         """Split the header of ``data``; never raises on content (only on a non-bytes type)."""
         return cls(data, max_header_size=max_header_size)
 
@@ -340,7 +346,7 @@ class Message:
                 self.raw, self.headers, self.body_offset, len(self.raw), depth=0, default="text/plain"
             )
         except Exception:  # a part the walk could not read: keep what was found
-            _log.debug("MIME walk stopped", exc_info=True)
+            _log.warning("MIME structure not read to the end", exc_info=True)
             walk.defects.append("mime-parse-error")
             if not walk.parts:
                 body = self.raw[self.body_offset : self.body_offset + MAX_DECODED_SIZE]
@@ -349,7 +355,8 @@ class Message:
 
     @cached_property
     def parts(self) -> tuple[Part, ...]:
-        """The leaf MIME parts in order; a message that is not MIME is one text/plain part."""
+        """The leaf MIME parts in order; a message that is not MIME is one text/plain part,
+        a multipart with nothing between its delimiters has none."""
         return self._mime[0]
 
     @cached_property
@@ -813,7 +820,7 @@ def decode_words(text: str) -> str:
         out.append(text[last:])
         return "".join(out)
     except Exception:
-        _log.debug("encoded words not decoded", exc_info=True)
+        _log.warning("encoded words not decoded", exc_info=True)
         return text
 
 

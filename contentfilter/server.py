@@ -312,6 +312,7 @@ class FilterSMTP(SMTP):
             reply = await self.service.deliver(env, content, self._downstream)
         finally:
             self._tx = None
+            self._xforward = {}
             self._xforward_fresh = True
         await self.push(reply)
 
@@ -393,6 +394,7 @@ class FilterSMTP(SMTP):
 
     async def _abort(self) -> None:
         """End the current transaction here and downstream (nothing of it is delivered)."""
+        self._xforward = {}
         self._xforward_fresh = True
         if self._tx is None:
             return

@@ -279,20 +279,26 @@ class FilterService:
             )
             if tagged:
                 prepend.append("X-Spam-Flag: YES")
+        own = len(prepend)
         prepend.extend(r.header for r in decision.results if r.header and not r.observed)
         replace: dict[int, str] = {}
         prefix = self.settings.subject_prefix
         if tagged and prefix:
             found = message.indexes("subject")
             if found:
-                current = message.headers[found[0]].value
+                current = "".join(c for c in message.headers[found[0]].value if c not in "\r\n\0")
                 if not current.startswith(prefix.strip()):
                     replace[found[0]] = f"Subject: {prefix}{current}"
             else:
                 prepend.append(f"Subject: {prefix.strip()}")
-        return message.rewrite(
-            prepend=prepend, remove=ours(message.headers, self.authserv_id), replace=replace
-        )
+        remove = ours(message.headers, self.authserv_id)
+        try:
+            return message.rewrite(prepend=prepend, remove=remove, replace=replace)
+        except (ValueError, UnicodeError) as exc:
+            # A check's header or the received Subject was not one clean field: deliver with
+            # our own headers only, never hold the mail back for it.
+            log.warning("queue=%s header left out: %s", judgement.tx.queue_id, exc)
+            return message.rewrite(prepend=prepend[:own], remove=remove)
 
     def auth_results(self, judgement: Judgement) -> list[AuthResult]:
         """iprev and spf from the policy daemon's facts, then every content check's results."""

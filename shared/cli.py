@@ -318,8 +318,8 @@ def _release_sender(config: Config, helo: str) -> Any:
         await downstream.connect()
         try:
             recipients = list(entry.recipients)
-            options = list(getattr(entry, "rcpt_options", ()) or ())
-            mail_options = " ".join(getattr(entry, "mail_options", ()) or ())
+            options = list(entry.rcpt_options)
+            mail_options = " ".join(entry.mail_options)
             reply = await downstream.command(f"MAIL FROM:<{entry.sender}> {mail_options}".rstrip())
             if not reply.ok:
                 raise DownstreamError(f"MAIL FROM refused: {reply.relay()}")
@@ -441,9 +441,25 @@ def cmd_karma(args: argparse.Namespace, config: Config) -> int:
 def cmd_state(args: argparse.Namespace, config: Config) -> int:
     async def run() -> int:
         async with _services(config) as services:
+            from mxward.contentfilter.daemon import build_filter_pipeline
+            from mxward.contentfilter.quarantine import Quarantine
             from mxward.policyd.daemon import build_pipeline
+            from mxward.shared.karma import KarmaRules, KarmaStore
+            from mxward.shared.msgfacts import MessageFacts
 
             _, checks = await build_pipeline(config, services)
+            _, filter_checks = await build_filter_pipeline(config, services)
+            checks += filter_checks
+            # The filter's own keys (declared by the objects that own them).
+            MessageFacts(services.state, config.policyd.message_facts_ttl)
+            Quarantine(
+                config.data_dir / "quarantine",
+                services.state,
+                node=services.hostname,
+                retention=config.filter.quarantine_retention,
+                clock=services.clock,
+            )
+            KarmaStore(services.state, KarmaRules())
             for decl in services.state.declarations():
                 print(f"{decl.namespace:<10} {decl.pattern:<36} ttl {decl.ttl:<28} {decl.description}")
             for check in checks:

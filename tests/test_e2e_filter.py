@@ -147,3 +147,45 @@ def test_multi_recipient_message_is_delivered_once_to_each(
         counts = {rcpt: len(lab.postfix.sink.delivered_to(rcpt)) for rcpt in rcpts}
         assert counts == dict.fromkeys(rcpts, 1)
         assert lab.postfix.queue() == []
+
+
+def test_mxward_run_joins_policyd_facts_to_the_filter(
+    tmp_path: Path, postfix: Any, redis_server: Any
+) -> None:
+    """`mxward run`: policyd stores the envelope facts by queue id; the filter logs and uses them."""
+    with filter_lab(
+        tmp_path, postfix, redis_server.url, command="run", policyd_extra='checks = ["karma"]\n'
+    ) as lab:
+        sent = send_mail(lab.postfix.smtpd_port, mail_from="alice@sender.example", rcpt_to=["bob@sink.test"])
+        assert sent.data is not None and sent.data.code == 250, sent
+        lab.postfix.sink.wait_delivered("bob@sink.test", timeout=20)
+        line = next(x for x in lab.daemon.wait_log("filter queue=").splitlines() if "filter queue=" in x)
+        assert "policyd=found[" in line and "karma.history=" in line, line
+        assert "client=unknown[127.0.0.2]" in line
+        # the filter's verdict went into the client's karma (policyd booked the message too)
+        shown = subprocess.run(
+            [MXWARD, "--config", str(lab.config), "karma", "show", "127.0.0.2"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "messages" in shown.stdout or "nice" in shown.stdout, shown.stdout
+
+
+def test_postfix_config_prints_the_filter_services(tmp_path: Path, postfix: Any, redis_server: Any) -> None:
+    """The content-filter lines of `mxward postfix-config` name this configuration's ports."""
+    from support.postfix import parse_postfix_config
+
+    with filter_lab(tmp_path, postfix, redis_server.url) as lab:
+        out = subprocess.run(
+            [MXWARD, "--config", str(lab.config), "postfix-config"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        printed = parse_postfix_config(out)
+        assert printed.main_cf["content_filter"] == f"scan:[127.0.0.1]:{lab.port}"
+        assert printed.main_cf["receive_override_options"] == "no_address_mappings"
+        services = [line.split()[0] for line in printed.filter_master_cf]
+        assert services == ["scan", f"127.0.0.1:{lab.forwarder.port if lab.forwarder else lab.reinject_port}"]
+        assert "-o content_filter=" in out and "-o smtpd_end_of_data_restrictions=" in out

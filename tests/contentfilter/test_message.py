@@ -295,6 +295,19 @@ def test_overlong_lines() -> None:
     assert endless.rewrite() == b"X: " + b"v" * 2_000_000
 
 
+def test_parse_is_cheap() -> None:
+    """Parsing splits the header only: a 50 KB message with 30 fields takes far less than a
+    millisecond (about 40 µs on the development machines; the bound leaves room for load)."""
+    fields = b"".join(b"X-Field-%d: a value of moderate length, as most are\r\n" % i for i in range(30))
+    data = fields + b"\r\n" + b"Lorem ipsum dolor sit amet, consectetur adipiscing elit.\r\n" * 850
+    started = time.perf_counter()
+    for _ in range(1000):
+        m = Message.parse(data)
+    assert time.perf_counter() - started < 1.0
+    assert len(m.headers) == 30
+    assert "_mime" not in vars(m)
+
+
 def test_parse_accepts_bytes_like_and_refuses_text() -> None:
     """bytearray and memoryview are read as bytes; a str is a programming error."""
     assert Message.parse(bytearray(SIMPLE)).get("subject") == "Hello"
@@ -476,7 +489,7 @@ def test_base64_attachment_with_rfc2231_filename() -> None:
         ('attachment; filename="quoted \\"name\\".txt"', 'quoted "name".txt'),
         ('attachment; filename="semi;colon.txt"; size=3', "semi;colon.txt"),
         ("attachment; FILENAME=upper.txt", "upper.txt"),
-        ('attachment; filename="a.txt"; filename*=utf-8\'\'b%C3%A9.txt', "bé.txt"),
+        ("attachment; filename=\"a.txt\"; filename*=utf-8''b%C3%A9.txt", "bé.txt"),
         ('attachment; filename="=?utf-8?b?w6k=?=.txt"', "é.txt"),
         ('attachment; filename="unterminated.txt', "unterminated.txt"),
         ("attachment; filename", ""),
@@ -643,10 +656,8 @@ def test_digest_parts_default_to_messages() -> None:
 def test_base64_encoded_attached_message_is_opened() -> None:
     """A message/rfc822 part sent in base64 (not allowed, but seen) is decoded and opened."""
     inner = crlf("Subject: inner\nContent-Type: text/html\n\n<a href='https://inner.example/'>x</a>")
-    data = (
-        b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-        + base64.encodebytes(inner).replace(b"\n", b"\r\n")
-    )
+    encoded = base64.encodebytes(inner).replace(b"\n", b"\r\n")
+    data = b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n" + encoded
     m = Message.parse(data)
     assert [p.content_type for p in m.parts] == ["text/html"]
     assert m.urls == ("https://inner.example/",)

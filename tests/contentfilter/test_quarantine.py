@@ -101,6 +101,10 @@ def files_in(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
+def file_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
 def exists(path: str | Path) -> bool:
     return Path(path).exists()
 
@@ -121,7 +125,7 @@ async def test_store_writes_the_message_and_its_metadata(quarantine: Quarantine,
     """The message is stored byte for byte, with a JSON metadata file holding the whole envelope."""
     entry = await put(quarantine)
     message_file = Path(entry.path)
-    assert quarantine.read(entry) == MESSAGE
+    assert file_bytes(message_file) == MESSAGE
     assert message_file.parent.parent == tmp_path / "quarantine"
     meta = json.loads(metadata(entry))
     assert meta["sender"] == "offers@bulk.example.net"
@@ -295,8 +299,9 @@ async def test_store_works_again_when_redis_is_back(
     assert len(files_in(q.directory)) == 2
 
 
+@pytest.mark.parametrize("settle", [0.0, 0.3], ids=["while-writing", "while-indexing"])
 async def test_cancelled_store_leaves_no_files(
-    tmp_path: Path, redis_factory: Callable[..., RedisServer], clock: FrozenClock
+    tmp_path: Path, redis_factory: Callable[..., RedisServer], clock: FrozenClock, settle: float
 ) -> None:
     """A store cancelled while Redis hangs (the filter's deadline) removes its files."""
     server = redis_factory(tcp=True)
@@ -311,6 +316,9 @@ async def test_cancelled_store_leaves_no_files(
             async with asyncio.timeout(10):
                 while not any(name.endswith(".json") for name in files_in(q.directory)):
                     await asyncio.sleep(0.005)  # wait for the files: the index call now hangs
+            # 0: cancelled as the write thread finishes its last fsync; 0.3s: the thread is
+            # done and the store waits for Redis.
+            await asyncio.sleep(settle)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -533,10 +541,11 @@ async def test_one_release_at_a_time(quarantine: Quarantine) -> None:
 
     first = asyncio.create_task(quarantine.release(entry.id, slow_send))
     await started.wait()
-    with pytest.raises(QuarantineError, match="being released or deleted by another process"):
-        await quarantine.release(entry.id, slow_send)
-    with pytest.raises(QuarantineError, match="being released or deleted by another process"):
-        await quarantine.delete(entry.id)
+    async with asyncio.timeout(5):  # without the lock, the second release would wait for `finish`
+        with pytest.raises(QuarantineError, match="being released or deleted by another process"):
+            await quarantine.release(entry.id, slow_send)
+        with pytest.raises(QuarantineError, match="being released or deleted by another process"):
+            await quarantine.delete(entry.id)
     finish.set()
     await first
     assert deliveries == [MESSAGE]

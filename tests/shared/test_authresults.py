@@ -340,7 +340,7 @@ def test_an_invalid_authserv_id_is_refused(authserv_id: str) -> None:
 def test_random_input_always_gives_a_well_formed_field() -> None:
     """Fuzz: random values from a hostile alphabet never break the field's structure."""
     alphabet = 'ab.@;=()"\\ \t\r\n\x00\x7fé\u2028-_/<>,:[]?'
-    rng = random.Random(8601)  # noqa: S311 - a repeatable fuzz, not secrets
+    rng = random.Random(8601)
     for _ in range(500):
 
         def text(rng: random.Random = rng) -> str:
@@ -464,3 +464,25 @@ def test_a_built_field_is_recognised_as_ours() -> None:
     value = field.partition(":")[2]
     assert authserv_id_of(value) == "mx.example.org"
     assert ours([Field("Authentication-Results", value)], "mx.example.org") == [0]
+
+
+def test_a_built_field_goes_into_a_message_and_replaces_a_forged_one() -> None:
+    """With the filter's Message: the forged field that claims us is removed, ours is added as
+    one field, and a later pass finds exactly ours."""
+    from mxward.contentfilter.message import Message
+
+    raw = (
+        b"Authentication-Results: mx.example.org; dkim=pass header.d=bank.example\r\n"
+        b"Authentication-Results: upstream.example.net; spf=pass\r\n"
+        b"From: a@example.com\r\n\r\nbody\r\n"
+    )
+    message = Message.parse(raw)
+    hostile = AuthResult(
+        "spf", "fail", properties=(("smtp.mailfrom", "x\r\nAuthentication-Results: mx.example.org"),)
+    )
+    field = build_header("mx.example.org", [hostile, DKIM])
+    out = Message.parse(message.rewrite(prepend=[field], remove=ours(message.headers, "mx.example.org")))
+    assert [h.name for h in out.headers] == ["Authentication-Results", "Authentication-Results", "From"]
+    assert ours(out.headers, "mx.example.org") == [0]
+    assert "bank.example" not in out.raw.decode()
+    assert out.raw.endswith(b"\r\n\r\nbody\r\n")

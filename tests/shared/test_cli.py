@@ -327,3 +327,38 @@ def test_check_runs_no_per_request_work_for_earlytalker(tmp_path: Path, redis_se
     assert out.returncode == 0, out.stderr
     assert "action=DUNNO" in out.stdout
     assert "earlytalker " not in out.stdout
+
+
+def test_check_runs_the_content_checks_on_a_message_file(tmp_path: Path, redis_server: Any) -> None:
+    """`mxward check message.eml`: every content check's result, the score and the action."""
+    good = tmp_path / "good.eml"
+    good.write_bytes(
+        b"From: <a@sender.example>\nTo: <b@example.org>\nSubject: hi\n"
+        b"Date: Tue, 24 Nov 2026 10:00:00 +0000\nMessage-ID: <1@x>\n\nbody\n"
+    )
+    bad = tmp_path / "bad.eml"
+    bad.write_bytes(b"From: <a@sender.example>\nSubject: one\nSubject: two\n\nbody\n")
+    out = run(
+        tmp_path,
+        redis_server.url,
+        "check",
+        str(good),
+        "--from",
+        "a@sender.example",
+        "--to",
+        "b@example.org",
+        "--client-ip",
+        "192.0.2.7",
+        "--headers",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "headers      pass" in out.stdout
+    assert "action=pass (after-queue mode)" in out.stdout
+    assert "Authentication-Results:" in out.stdout
+    out = run(tmp_path, redis_server.url, "check", str(bad))
+    assert out.returncode == 0, out.stderr
+    assert "headers      fail" in out.stdout
+    assert "duplicate Subject header" in out.stdout and "missing Date header" in out.stdout
+    assert "action=quarantine (after-queue mode)" in out.stdout
+    missing = run(tmp_path, redis_server.url, "check", str(tmp_path / "nope.eml"))
+    assert missing.returncode == 2 and "nope.eml" in missing.stderr

@@ -74,6 +74,18 @@ def write_filter_config(
     return config, log
 
 
+def _wait_policyd(port: int, timeout: float = 20.0) -> None:
+    from support.policy_client import PolicyClient, request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), PolicyClient(f"127.0.0.1:{port}", timeout=2) as client:
+            if client.ask(request(recipient="postmaster@example.com")) is not None:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"policyd not ready on {port}")
+
+
 def smtp_ready(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
         sock.settimeout(2)
@@ -150,6 +162,8 @@ def filter_lab(
     lab: FilterLab | None = None
     try:
         daemon.wait_ready()
+        if policyd_extra or command == "run":
+            _wait_policyd(policyd_port)
         main_cf = {"smtpd_authorized_xforward_hosts": "127.0.0.0/8"}
         public: list[str] = []
         if mode == "after-queue":

@@ -178,7 +178,7 @@ def find_free_ports(count: int, host: str = LOOPBACK) -> list[int]:
         for _ in range(2000):
             if len(chosen) == count:
                 break
-            port = random.randrange(low, high)  # noqa: S311 - spreading test ports, not security
+            port = random.randrange(low, high)
             if port in _handed_out or port in listening or port in chosen:
                 continue
             if _bind_free(host, port) and _bind_free("0.0.0.0", port):
@@ -216,6 +216,7 @@ class DeliveredMessage:
     data: bytes  # CRLF line ends, dot-stuffing removed, without the final "."
     helo: str
     peer: tuple[str, int]
+    xforward: tuple[tuple[str, str], ...] = ()  # XFORWARD attributes of this transaction
 
     def message(self) -> email.message.EmailMessage:
         """The data parsed with the modern email policy."""
@@ -254,6 +255,7 @@ class _SinkHandler(socketserver.StreamRequestHandler):
         mail_from: str | None = None
         mail_options: tuple[str, ...] = ()
         rcpts: list[tuple[str, tuple[str, ...]]] = []
+        xforward: list[tuple[str, str]] = []
         while True:
             raw = self.rfile.readline(65536)
             if not raw:
@@ -264,6 +266,8 @@ class _SinkHandler(socketserver.StreamRequestHandler):
             if verb == "EHLO":
                 helo = arg
                 features = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN"]
+                if sink.xforward:
+                    features.append("XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
                 if sink.smtputf8:
                     features.append("SMTPUTF8")
                 self._reply("250-sink.test.example")
@@ -291,7 +295,7 @@ class _SinkHandler(socketserver.StreamRequestHandler):
                         else "501 5.5.4 Syntax: RCPT TO:<address>"
                     )
                     continue
-                reply = sink.rcpt_reply or "250 2.1.5 Ok"
+                reply = sink.rcpt_replies.get(parsed[0]) or sink.rcpt_reply or "250 2.1.5 Ok"
                 if reply.startswith("2"):
                     rcpts.append(parsed)
                 self._reply(reply)
@@ -319,12 +323,19 @@ class _SinkHandler(socketserver.StreamRequestHandler):
                             data=b"".join(lines),
                             helo=helo,
                             peer=self.client_address,
+                            xforward=tuple(xforward),
                         )
                     )
                 self._reply(reply)
-                mail_from, mail_options, rcpts = None, (), []
+                mail_from, mail_options, rcpts, xforward = None, (), [], []
             elif verb == "RSET":
-                mail_from, mail_options, rcpts = None, (), []
+                mail_from, mail_options, rcpts, xforward = None, (), [], []
+                sink.resets += 1
+                self._reply("250 2.0.0 Ok")
+            elif verb == "XFORWARD" and sink.xforward:
+                for item in arg.split():
+                    name, _, value = item.partition("=")
+                    xforward.append((name.upper(), value))
                 self._reply("250 2.0.0 Ok")
             elif verb == "NOOP":
                 self._reply("250 2.0.0 Ok")
@@ -349,16 +360,20 @@ class SmtpSink:
     """A threaded in-process SMTP server on loopback that records every message it accepts.
 
     It announces PIPELINING, 8BITMIME, ENHANCEDSTATUSCODES, DSN and (unless ``smtputf8=False``)
-    SMTPUTF8. Set ``mail_reply``, ``rcpt_reply`` or ``data_reply`` (e.g. ``"451 4.3.0 later"``)
-    to answer those commands differently; a non-2xx DATA reply records nothing.
+    SMTPUTF8, and with ``xforward=True`` XFORWARD (recorded per transaction). Set ``mail_reply``,
+    ``rcpt_reply`` (or per address ``rcpt_replies``) or ``data_reply`` (e.g. ``"451 4.3.0
+    later"``) to answer those commands differently; a non-2xx DATA reply records nothing.
     """
 
-    def __init__(self, host: str = LOOPBACK, *, smtputf8: bool = True) -> None:
+    def __init__(self, host: str = LOOPBACK, *, smtputf8: bool = True, xforward: bool = False) -> None:
         self.host = host
         self.smtputf8 = smtputf8
+        self.xforward = xforward
         self.mail_reply: str | None = None
         self.rcpt_reply: str | None = None
+        self.rcpt_replies: dict[str, str] = {}
         self.data_reply: str | None = None
+        self.resets = 0
         self._messages: list[DeliveredMessage] = []
         self._changed = threading.Condition()
         self._server: _SinkServer | None = None
