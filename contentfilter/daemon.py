@@ -193,12 +193,7 @@ async def _worker(
     purger.cancel()
     for server in servers:
         server.close()
-    grace = runtime.config.filter.shutdown_grace
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(grace):
-            for server in servers:
-                await server.wait_closed()
-    await runtime.service.drain(5.0)
+    await runtime.service.stop(runtime.config.filter.shutdown_grace)
     await runtime.aclose()
 
 

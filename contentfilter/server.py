@@ -102,12 +102,19 @@ class FilterSMTP(SMTP):
     # ----------------------------------------------------------------------------------------
     # connection
 
+    @property
+    def busy(self) -> bool:
+        """In a mail transaction (between MAIL FROM and the reply to the final dot)."""
+        return self._tx is not None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self._peer_ip = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.service.connections.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:
+        self.service.connections.discard(self)
         super().connection_lost(error)
         downstream, self._downstream = self._downstream, None
         if downstream is not None:

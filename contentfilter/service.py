@@ -107,6 +107,8 @@ class FilterService:
         self.karma_rules = karma_rules
         self.authserv_id = authserv_id
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Open upstream connections (FilterSMTP), for a graceful stop.
+        self.connections: set[Any] = set()
 
     def background(self, task: asyncio.Future[Any]) -> None:
         """Keep a reference to a task that must finish on its own (bookkeeping, closing)."""
@@ -116,6 +118,21 @@ class FilterService:
     async def drain(self, grace: float) -> None:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
+
+    async def stop(self, grace: float) -> None:
+        """Let transactions in progress finish (up to ``grace``), then close every connection.
+
+        A connection closed between transactions loses nothing; one cut in a transaction is
+        answered by nobody, so Postfix keeps the mail and retries.
+        """
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        while any(c.busy for c in self.connections) and loop.time() < until:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        await self.drain(5.0)
 
     # ----------------------------------------------------------------------------------------
     # judging

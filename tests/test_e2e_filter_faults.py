@@ -130,3 +130,18 @@ def test_filter_killed_in_the_middle_of_a_message(tmp_path: Path, postfix: Any, 
         lab.daemon = FilterDaemon(lab.config, lab.log, lab.port)
         lab.daemon.wait_ready()
         _all_delivered_once(lab, rcpts)
+
+
+def test_sigterm_lets_a_message_in_progress_finish(tmp_path: Path, postfix: Any, redis_server: Any) -> None:
+    """A graceful stop waits for the transaction in progress: delivered, nothing left queued."""
+    slow = 'checks = ["headers", "slowcontent"]\n'
+    with filter_lab(
+        tmp_path, postfix, redis_server.url, filter_extra=slow, extra='[checks.slowcontent]\nsleep = "2s"\n'
+    ) as lab:
+        _send(lab, ["graceful@sink.test"])
+        lab.postfix.wait_for_log(r"from=<alice@sender\.example>.*queue active", timeout=20)
+        time.sleep(0.5)
+        lab.daemon.signal(signal.SIGTERM)
+        assert lab.daemon.proc.wait(timeout=30) == 0
+        lab.postfix.sink.wait_delivered("graceful@sink.test", timeout=10)
+        assert "graceful@sink.test" not in _queued(lab)
