@@ -127,7 +127,7 @@ class FilterService:
         """
         loop = asyncio.get_running_loop()
         until = loop.time() + grace
-        while any(c.busy for c in self.connections) and loop.time() < until:
+        while any(c.busy for c in self.connections) and loop.time() < until:  # noqa: ASYNC110 - polls at shutdown only
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             if connection.transport is not None:
