@@ -546,6 +546,8 @@ def measure_run(
     workdir: Path,
 ) -> Run:
     load_core = 1 if pinning == "pinned" else None
+    for proc in server.procs:
+        proc.check_alive()
     probe: Probe | None = None
     if args.probe_interval > 0 and round_no > 0:
         probe = Probe(
@@ -606,10 +608,13 @@ def _measure_run(
         if probe is not None:
             probe.stop()
     gen_after = children_cpu()
-    cpu_after = policy_load.tree_cpu_seconds(roots)
-    sink_after = policy_load.tree_cpu_seconds([relay_sink.proc.pid])[0] if relay_sink else 0.0
     for proc in server.procs:
         proc.check_alive()
+    try:
+        cpu_after = policy_load.tree_cpu_seconds(roots)
+        sink_after = policy_load.tree_cpu_seconds([relay_sink.proc.pid])[0] if relay_sink else 0.0
+    except ProcessLookupError as exc:
+        raise BenchError(f"{server.kind}: a process ended during the run: {exc}") from exc
     refused, other, samples = source_warnings(workdir / f"source-{server.kind}-{size}-{round_no}.err")
     probe_ok = len(probe.latencies) if probe is not None else 0
     expected = count - refused + probe_ok if status == 0 else -1
@@ -1115,9 +1120,10 @@ def preflight(args: argparse.Namespace) -> None:
         missing = [name for name in ("aiosmtpd", "aiosmtplib") if importlib.util.find_spec(name) is None]
         if missing:
             raise BenchError(
-                f"the pass-through relay needs {' and '.join(missing)} in this Python ({sys.executable}); "
-                f"install it into the venv for the benchmark: .venv/bin/pip install {' '.join(missing)} "
-                "(not an mxward dependency), or run without it: --servers mxward,sink"
+                f"the pass-through relay needs {' and '.join(missing)}, which {sys.executable} cannot "
+                "import. Run the benchmark with the project's venv (.venv/bin/python) and install "
+                "aiosmtplib into it: .venv/bin/pip install aiosmtplib (a benchmark-only package, not "
+                "an mxward dependency); or leave the pass-through out: --servers mxward,sink"
             )
         if args.passthrough_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise BenchError("--passthrough-loop uvloop: uvloop is not installed")

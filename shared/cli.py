@@ -555,8 +555,11 @@ def _filter_lines(config: Config) -> str:
         out += [
             "# After-queue: Postfix queues the mail, hands it to mxward over SMTP and mxward",
             "# reinjects it into a second smtpd; a 4xx from mxward keeps the mail queued.",
-            f"content_filter = scan:{listen}",
-            "receive_override_options = no_address_mappings",
+            "# These two main.cf lines are commented out on purpose: add the master.cf services",
+            "# below first, then uncomment them (content_filter without the scan service would",
+            "# leave every message waiting in the queue), then: postfix reload.",
+            f"# content_filter = scan:{listen}",
+            "# receive_override_options = no_address_mappings",
             "",
             "# ---- master.cf for the content filter (not main.cf): the scan transport and the",
             "# reinjection smtpd. Uncomment in /etc/postfix/master.cf; keep the reinjection",

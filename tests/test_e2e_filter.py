@@ -184,8 +184,10 @@ def test_postfix_config_prints_the_filter_services(tmp_path: Path, postfix: Any,
             check=True,
         ).stdout
         printed = parse_postfix_config(out)
-        assert printed.main_cf["content_filter"] == f"scan:[127.0.0.1]:{lab.port}"
-        assert printed.main_cf["receive_override_options"] == "no_address_mappings"
+        # commented out until the master.cf services exist: pasting everything is safe
+        assert "content_filter" not in printed.main_cf
+        assert f"# content_filter = scan:[127.0.0.1]:{lab.port}\n" in out
+        assert "# receive_override_options = no_address_mappings\n" in out
         services = [line.split()[0] for line in printed.filter_master_cf]
         assert services == ["scan", f"127.0.0.1:{lab.forwarder.port if lab.forwarder else lab.reinject_port}"]
         assert "-o content_filter=" in out and "-o smtpd_end_of_data_restrictions=" in out
