@@ -243,7 +243,7 @@ class FilterService:
         verdict = judgement.verdict
         decision = judgement.decision
         if verdict in (PASS, TAG):
-            out = self.render(message, judgement)
+            out = await self.finish(self.render(message, judgement), judgement)
             reply = await downstream.send_data(out)
             if reply.ok:
                 text = (
@@ -316,6 +316,33 @@ class FilterService:
             # our own headers only, never hold the mail back for it.
             log.warning("queue=%s header left out: %s", judgement.tx.queue_id, exc)
             return message.rewrite(prepend=prepend[:own], remove=remove)
+
+    async def finish(self, out: bytes, judgement: Judgement) -> bytes:
+        """Let signing checks (``Check.outgoing``) add their fields on top, each in turn.
+
+        A check that fails with ``on_error = "tempfail"`` defers the message (the exception
+        reaches :meth:`deliver`, which answers 451); otherwise the message goes without.
+        """
+        for active in self.pipeline.outgoing:
+            if active.observe:
+                continue
+            try:
+                async with asyncio.timeout(active.timeout):
+                    fields = await active.check.outgoing(judgement.tx, out)
+            except Exception as exc:
+                if active.on_error == "tempfail":
+                    raise
+                log.warning(
+                    "queue=%s check=%s outgoing step failed, delivering without it: %s: %s",
+                    judgement.tx.queue_id,
+                    active.name,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            if fields:
+                out = b"".join(_field_bytes(f) for f in fields) + out
+        return out
 
     def auth_results(self, judgement: Judgement) -> list[AuthResult]:
         """iprev and spf from the policy daemon's facts, then every content check's results."""
@@ -398,6 +425,16 @@ class FilterService:
                 else (f" detail={kv(detail)}" if detail else "")
             ),
         )
+
+
+def _field_bytes(field: str) -> bytes:
+    """A header field from a check, as bytes with CRLF line ends (folding kept)."""
+    if "\0" in field or not field.strip():
+        raise ValueError("a header field must be non-empty and free of NUL")
+    lines = field.replace("\r\n", "\n").split("\n")
+    if any(not line or line[0] not in " \t" for line in lines[1:]):
+        raise ValueError(f"header field {field[:40]!r}: a continuation line must start with white space")
+    return "\r\n".join(lines).encode("utf-8") + b"\r\n"
 
 
 def _one_line(text: str) -> str:

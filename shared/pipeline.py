@@ -108,6 +108,7 @@ class Pipeline:
         self._watchdog = Watchdog()
         # Only checks that override after() get a bookkeeping call (saves a task per request).
         self._with_after = tuple(c for c in self.checks if type(c.check).after is not Check.after)
+        self.outgoing = tuple(c for c in self.checks if type(c.check).outgoing is not Check.outgoing)
         self._early = {
             stage: [s for s in EARLY_STAGES if s.order <= stage.order and self._by_stage[s]]
             for stage in Stage

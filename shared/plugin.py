@@ -272,6 +272,17 @@ class Check(abc.ABC, Generic[OptionsT]):
     async def after(self, tx: Transaction, decision: Decision) -> None:
         """Bookkeeping once the decision is known (runs after the reply is sent)."""
 
+    async def outgoing(self, tx: Transaction, message: bytes) -> tuple[str, ...]:
+        """Header fields to add on top of a message the content filter is about to deliver.
+
+        ``message`` is the message as it will leave, with every header change of the filter
+        and of the checks before this one already made (their fields are on top), so a
+        signature computed here covers them (DKIM signing, ARC sealing). Called only for mail
+        that is delivered (pass, tag), in check order; a check that raises follows its
+        ``on_error``: ``tempfail`` defers the message, ``ignore`` delivers it without.
+        """
+        return ()
+
     def result(
         self,
         verdict: Verdict,

@@ -13,6 +13,8 @@ command -v socat >/dev/null || need="$need socat"
 command -v ss >/dev/null || need="$need iproute2"
 command -v rbldnsd >/dev/null || need="$need rbldnsd"
 command -v p0f >/dev/null || need="$need p0f"
+# Perl's Mail::DKIM: the independent DKIM implementation the interop tests compare with.
+perl -MMail::DKIM -e1 2>/dev/null || need="$need libmail-dkim-perl"
 python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
 if [ -n "$need" ]; then
     apt-get update -q

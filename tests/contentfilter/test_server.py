@@ -357,3 +357,51 @@ async def test_tagged_mail_gets_spam_headers_and_the_subject_prefix(
         assert got.data.count(b"\nSubject:") + got.data.startswith(b"Subject:") == 1
         code, _ = await transaction(scoring, message(), rcpts=("clean@sink.test",))
         assert sink.wait_delivered("clean@sink.test").headers("X-Spam-Flag") == []
+
+
+class _Stamp:
+    """A content check whose outgoing step adds a field (or fails)."""
+
+    @staticmethod
+    def build(fail: bool = False) -> Any:
+        from mxward.shared.plugin import Check, Result, Stage, Transaction, Verdict
+
+        class Stamp(Check[Any]):
+            name = "stamp"
+            stages = frozenset({Stage.CONTENT})
+
+            async def check(self, stage: Stage, tx: Transaction) -> Result:
+                return self.result(Verdict.PASS)
+
+            async def outgoing(self, tx: Transaction, message: bytes) -> tuple[str, ...]:
+                if fail:
+                    raise RuntimeError("no key")
+                assert message.startswith(b"Authentication-Results: mx.test.example")
+                return (f"X-Stamp: {len(message)}\r\n\tfolded",)
+
+        return Stamp
+
+
+@pytest.mark.parametrize("on_error", ["ignore", "tempfail"])
+async def test_outgoing_steps_sign_the_final_message(flt: RunningFilter, on_error: str) -> None:
+    """Check.outgoing adds fields on top of the final bytes; a failing one follows on_error."""
+    from mxward.shared.pipeline import ActiveCheck, Pipeline
+
+    service = flt.runtime.service
+    good = _Stamp.build()(None, flt.runtime.services)
+    bad = _Stamp.build(fail=True)(None, flt.runtime.services)
+    service.pipeline = Pipeline(
+        [ActiveCheck(check=good, timeout=1.0), ActiveCheck(check=bad, timeout=1.0, on_error=on_error)],
+        service.pipeline.settings,
+    )
+    code, text = await transaction(flt, message(), rcpts=("stamped@sink.test",))
+    if on_error == "tempfail":
+        assert (code, text) == (451, "4.3.0 Temporary local problem, please try again later")
+        assert flt.sink.delivered_to("stamped@sink.test") == []
+        return
+    assert code == 250
+    got = flt.sink.wait_delivered("stamped@sink.test")
+    assert got.data.startswith(b"X-Stamp: ")
+    first = got.data.split(b"\r\n", 2)
+    assert first[1] == b"\tfolded" and first[2].startswith(b"Authentication-Results: mx.test.example")
+    assert int(first[0].split()[1]) == len(got.data) - len(first[0]) - len(first[1]) - 4
