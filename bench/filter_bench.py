@@ -57,6 +57,21 @@ bytes (``1XXX...``). ``--message prepared`` writes a message with a fuller heade
 name, Subject, Message-ID, MIME-Version, Content-Type) and the same payload size to a file and
 sends it with ``smtp-source -F`` (every copy identical, Message-ID included).
 
+Workloads: ``--workload plain`` (default) is the above. ``--workload signed`` measures DKIM
+verification and DMARC: at set-up the script makes an RSA-2048 key (``openssl genrsa``), writes a
+zone for ``signed.bench.test`` with the key at ``bench._domainkey`` and ``_dmarc`` saying
+``v=DMARC1; p=reject``, and serves it with ``bench/fake_dns.py`` on a free loopback port, which
+mxward asks through ``[dns] nameservers``. For each payload size it builds a message like
+``--message prepared``'s, From ``bench@signed.bench.test``, and signs it with the reference signer,
+Perl's Mail::DKIM (``bench/dkim_sign.pl``: rsa-sha256, relaxed/relaxed). smtp-source sends it with
+``-F`` (envelope sender ``bench@signed.bench.test``); the probe sends the same bytes. mxward runs
+with ``checks = ["headers", "dkim", "dmarc"]`` (the checks' defaults); the pass-through relays the
+same messages. Every message that arrives is checked: the downstream smtp-sink dumps what it
+receives (``-D``), and after each run the script reads the dump back. Each message must end with
+the signed message byte for byte; each of mxward's must also carry an Authentication-Results field
+with ``dkim=pass`` and ``dmarc=pass``. A message that does not counts as a failure (listed, exit
+status 1); in a warm-up it stops the server's measurement at once.
+
 Output: progress lines, then a results table and a table of each server against the
 pass-through (msg/s ratio and CPU/msg ratio), saved with every run's numbers to
 ``bench/results/filter-<UTC timestamp>.md`` and ``.json`` (gitignored). Everything started (in its
@@ -65,12 +80,14 @@ own session) is stopped at the end, also on errors, Ctrl-C and SIGTERM.
 Needs: ``/usr/sbin/smtp-source`` and ``/usr/sbin/smtp-sink`` (Debian package ``postfix``; install
 it with debconf's "No configuration", as ``tests/run.sh`` does), ``/usr/bin/redis-server`` and
 ``.venv/bin/mxward`` for mxward, ``aiosmtplib`` in the venv for the pass-through, ``taskset`` and
-two cores for ``--pinning pinned``.
+two cores for ``--pinning pinned``; for ``--workload signed`` also ``openssl`` and ``perl`` with
+Mail::DKIM (Debian ``libmail-dkim-perl``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import email.utils
 import importlib.metadata
@@ -96,13 +113,30 @@ from pathlib import Path
 from typing import Any
 
 import policy_load
-from policy_bench import BenchError, Proc, command_output, free_port, sigterm_as_interrupt, wait_until
+from policy_bench import (
+    BenchError,
+    FakeDns,
+    Proc,
+    can_bind,
+    command_output,
+    free_port,
+    read_ready,
+    sigterm_as_interrupt,
+    wait_until,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RELAY = HERE / "passthrough_relay.py"
+FAKE_DNS = HERE / "fake_dns.py"
+DKIM_SIGN = HERE / "dkim_sign.pl"
 SERVERS = ("passthrough", "mxward", "sink")
+WORKLOADS = ("plain", "signed")
 SENDER = "bench@d1.senders.test"
+SIGNED_DOMAIN = "signed.bench.test"  # the signed workload's From domain, d= and DMARC domain
+SIGNED_SELECTOR = "bench"
+SIGNED_SENDER = f"bench@{SIGNED_DOMAIN}"
+CHECKS = {"plain": ("headers",), "signed": ("headers", "dkim", "dmarc")}
 RECIPIENT = "user1@example.test"
 HELO = "localhost"  # smtp-source -M: its HELO name and the domain of its Message-Ids
 WARMUP_SECONDS = 0.5  # the warm-up grows its message count until one pass lasts this long
@@ -148,10 +182,15 @@ def redis_ping(port: int) -> None:
 
 @dataclass
 class Sink:
-    """An smtp-sink with ``-c``: its message counter is how we know what arrived."""
+    """An smtp-sink with ``-c``: its message counter is how we know what arrived.
+
+    With ``dump`` (the signed workload's downstream sink) it also appends every message it
+    receives to that file (``-D``), which :func:`check_delivered` reads back after each run.
+    """
 
     proc: Proc
     port: int
+    dump: Path | None = None
 
     def delivered(self) -> int:
         """The sink's running message counter (the last complete one it printed)."""
@@ -175,11 +214,22 @@ class Sink:
             time.sleep(0.02)
 
 
-def start_sink(args: argparse.Namespace, workdir: Path, name: str, core: int | None) -> Sink:
+def start_sink(
+    args: argparse.Namespace, workdir: Path, name: str, core: int | None, *, dump: bool = False
+) -> Sink:
     port = free_port()
     argv = [args.smtp_sink, "-c"]
     if os.geteuid() == 0:
         argv += ["-u", "nobody"]  # smtp-sink refuses to run as root without it
+    dump_file = None
+    if dump:
+        # smtp-sink writes each transaction to a new file next to the dump, then appends it: the
+        # directory must be writable by the user it runs as.
+        dump_dir = workdir / f"{name}-dump"
+        dump_dir.mkdir()
+        dump_dir.chmod(0o1777)
+        dump_file = dump_dir / "messages"
+        argv += ["-D", str(dump_file)]
     argv += [f"127.0.0.1:{port}", "1024"]
     proc = Proc(name, argv, workdir / f"{name}.log", core)
     try:
@@ -187,7 +237,7 @@ def start_sink(args: argparse.Namespace, workdir: Path, name: str, core: int | N
     except BaseException:
         proc.stop()
         raise
-    return Sink(proc, port)
+    return Sink(proc, port, dump_file)
 
 
 @dataclass
@@ -217,14 +267,25 @@ def start_passthrough(args: argparse.Namespace, workdir: Path, downstream: Sink,
 
 
 def mxward_filter_config(
-    workdir: Path, *, redis_port: int, port: int, reinject_port: int, workers: int
+    workdir: Path,
+    *,
+    redis_port: int,
+    port: int,
+    reinject_port: int,
+    workers: int,
+    workload: str = "plain",
+    nameserver: str = "",
 ) -> str:
     """THE mxward configuration of the benchmark: adjust here when ``[filter]``'s keys change.
 
     A private redis-server on TCP ``redis_port`` (never 6379), the filter on ``127.0.0.1:port``,
-    reinjecting into the downstream smtp-sink on ``reinject_port``, with the headers check alone.
-    ``hostname`` is set so that nothing asks the DNS for this machine's name.
+    reinjecting into the downstream smtp-sink on ``reinject_port``, with the headers check alone
+    (``plain``), or with the headers, dkim and dmarc checks at their defaults (``signed``), which
+    ask the benchmark's DNS server at ``nameserver`` (``host:port``). ``hostname`` is set so that
+    nothing asks the DNS for this machine's name.
     """
+    checks = ", ".join(f'"{name}"' for name in CHECKS[workload])
+    dns = f'\n[dns]\nnameservers = ["{nameserver}"]\n' if nameserver else ""
     return f"""\
 [mxward]
 data_dir = "{workdir}/data"
@@ -234,16 +295,18 @@ log_target = "file:{workdir}/mxward.log"
 
 [state]
 url = "redis://127.0.0.1:{redis_port}"
-
+{dns}
 [filter]
 listen = ["127.0.0.1:{port}"]
 reinject = "127.0.0.1:{reinject_port}"
-checks = ["headers"]
+checks = [{checks}]
 workers = {workers}
 """
 
 
-def start_mxward(args: argparse.Namespace, workdir: Path, downstream: Sink, core: int | None) -> Server:
+def start_mxward(
+    args: argparse.Namespace, workdir: Path, downstream: Sink, core: int | None, nameserver: str = ""
+) -> Server:
     redis_port = free_port()
     redis_argv = [
         args.redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -257,7 +320,13 @@ def start_mxward(args: argparse.Namespace, workdir: Path, downstream: Sink, core
         config = workdir / "mxward.toml"
         config.write_text(
             mxward_filter_config(
-                workdir, redis_port=redis_port, port=port, reinject_port=downstream.port, workers=args.workers
+                workdir,
+                redis_port=redis_port,
+                port=port,
+                reinject_port=downstream.port,
+                workers=args.workers,
+                workload=args.workload,
+                nameserver=nameserver,
             ),
             encoding="utf-8",
         )
@@ -269,12 +338,13 @@ def start_mxward(args: argparse.Namespace, workdir: Path, downstream: Sink, core
 
 
 def start_servers(
-    args: argparse.Namespace, workdir: Path, pinning: str
+    args: argparse.Namespace, workdir: Path, pinning: str, nameserver: str = ""
 ) -> tuple[dict[str, Server], Sink | None, dict[str, str]]:
     """Start every selected server (and the downstream sink) and wait until each greets.
 
     Returns the servers that started, the downstream sink, and for each server that did not start
-    the reason (the others are measured all the same).
+    the reason (the others are measured all the same). ``nameserver``: the signed workload's DNS
+    server, for mxward; the downstream sink then dumps what it receives.
     """
     server_core, load_core = (0, 1) if pinning == "pinned" else (None, None)
     servers: dict[str, Server] = {}
@@ -282,16 +352,20 @@ def start_servers(
     downstream: Sink | None = None
     try:
         if any(kind != "sink" for kind in args.servers):
-            downstream = start_sink(args, workdir, "downstream-sink", load_core)
+            downstream = start_sink(
+                args, workdir, "downstream-sink", load_core, dump=args.workload == "signed"
+            )
         for kind in args.servers:
             if kind == "sink":
                 sink = start_sink(args, workdir, "sink", server_core)
                 servers[kind] = Server("sink", sink.port, [sink.proc], ["smtp-sink"], sink)
                 continue
             assert downstream is not None
-            start = start_passthrough if kind == "passthrough" else start_mxward
             try:
-                server = start(args, workdir, downstream, server_core)
+                if kind == "passthrough":
+                    server = start_passthrough(args, workdir, downstream, server_core)
+                else:
+                    server = start_mxward(args, workdir, downstream, server_core, nameserver)
             except BenchError as exc:
                 failed[kind] = f"did not start: {exc}"
                 continue
@@ -334,19 +408,45 @@ def rfc5322_now() -> str:
     return email.utils.format_datetime(datetime.now(UTC)).replace("-0000", "+0000") + " (UTC)"
 
 
-def prepared_message(size: int) -> bytes:
-    """The ``--message prepared`` message: a full header set and ``size`` bytes of body (CRLF)."""
+def prepared_message(size: int, sender: str = SENDER) -> bytes:
+    """The ``--message prepared`` message: a full header set and ``size`` bytes of body (CRLF).
+
+    The signed workload's message is the same with its own ``sender`` (before it is signed).
+    """
+    domain = sender.rpartition("@")[2]
     head = (
-        f"From: Bench Sender <{SENDER}>\r\n"
+        f"From: Bench Sender <{sender}>\r\n"
         f"To: <{RECIPIENT}>\r\n"
         "Subject: filter benchmark message\r\n"
         f"Date: {email.utils.format_datetime(datetime.now(UTC))}\r\n"
-        f"Message-ID: <filter-bench.{size}@d1.senders.test>\r\n"
+        f"Message-ID: <filter-bench.{size}@{domain}>\r\n"
         "MIME-Version: 1.0\r\n"
         "Content-Type: text/plain; charset=us-ascii\r\n"
         "\r\n"
     )
     return head.encode("ascii") + payload(size)
+
+
+@dataclass(frozen=True)
+class PreparedMessage:
+    """A message sent as it is (``--message prepared``, the signed workload).
+
+    ``data``: the message with CRLF line ends; ``file``: the same with LF line ends, for
+    ``smtp-source -F``, which sends each line of the file with CRLF, then one empty line more
+    (``\\r\\n`` before the final ``.``; DKIM's body canonicalizations both ignore it).
+    """
+
+    data: bytes
+    file: Path
+
+    @classmethod
+    def write(cls, data: bytes, file: Path) -> PreparedMessage:
+        file.write_bytes(data.replace(b"\r\n", b"\n"))
+        return cls(data, file)
+
+    def wire(self) -> bytes:
+        """The DATA of the probe's copy: dot-stuffed, with the final ``.``."""
+        return re.sub(rb"(?m)^\.", b"..", self.data) + b".\r\n"
 
 
 class Probe:
@@ -357,15 +457,23 @@ class Probe:
     """
 
     def __init__(
-        self, port: int, size: int, *, kind: str, interval: float, timeout: float, core: int | None
+        self,
+        port: int,
+        size: int,
+        *,
+        message: PreparedMessage | None,
+        sender: str,
+        interval: float,
+        timeout: float,
+        core: int | None,
     ) -> None:
         self.port = port
         self.interval = interval
         self.timeout = timeout
         self.core = core
-        self.kind = kind
+        self.sender = sender
         self.body = payload(size)
-        self.prepared = prepared_message(size) + b".\r\n" if kind == "prepared" else b""
+        self.prepared = message.wire() if message is not None else b""
         self.latencies: list[float] = []
         self.failures: list[str] = []
         self.sent = 0
@@ -411,7 +519,7 @@ class Probe:
         if self.prepared:
             return self.prepared
         head = (
-            f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nDate: {rfc5322_now()}\r\n"
+            f"From: <{self.sender}>\r\nTo: <{RECIPIENT}>\r\nDate: {rfc5322_now()}\r\n"
             f"Message-Id: <probe.{os.getpid()}.{self.sent}@{HELO}>\r\n\r\n"
         )
         return head.encode("ascii") + self.body + b".\r\n"
@@ -423,7 +531,7 @@ class Probe:
         try:
             while not self.stop_event.is_set():
                 next_at = time.perf_counter() + self.interval
-                self._command(f"MAIL FROM:<{SENDER}>\r\n".encode(), b"250", "MAIL")
+                self._command(f"MAIL FROM:<{self.sender}>\r\n".encode(), b"250", "MAIL")
                 self._command(f"RCPT TO:<{RECIPIENT}>\r\n".encode(), b"250", "RCPT")
                 self._command(b"DATA\r\n", b"354", "DATA")
                 data = self._message()
@@ -439,6 +547,177 @@ class Probe:
                 self.stop_event.wait(max(0.0, next_at - time.perf_counter()))
         except (OSError, ConnectionError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
+
+
+# endregion
+# region #### the signed workload ####
+
+
+@dataclass
+class SignedSetup:
+    """The signed workload's material, made once per benchmark: the key's zone file and, per
+    payload size, the message signed by the reference signer."""
+
+    directory: Path
+    zone: Path
+    messages: dict[int, PreparedMessage]
+
+
+def run_tool(argv: list[str], what: str) -> bytes:
+    """Run a set-up command; its standard output, or BenchError with its standard error."""
+    try:
+        result = subprocess.run(argv, capture_output=True, check=False, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BenchError(f"{what}: {' '.join(argv)}: {exc}") from exc
+    if result.returncode != 0:
+        error = result.stderr.decode("utf-8", "replace").strip()
+        raise BenchError(f"{what}: {' '.join(argv)} exited with {result.returncode}: {error}")
+    return result.stdout
+
+
+def signed_zone(public_key: bytes) -> str:
+    """The zone of ``SIGNED_DOMAIN``: the DKIM key record (in strings of at most 250 characters,
+    RFC 1035 section 3.3 allows 255) and a DMARC policy of reject."""
+    record = "v=DKIM1; k=rsa; p=" + base64.b64encode(public_key).decode("ascii")
+    strings = " ".join(f'"{record[i : i + 250]}"' for i in range(0, len(record), 250))
+    return (
+        "; Generated by filter_bench.py for the signed workload (bench/fake_dns.py serves it).\n"
+        "$TTL 86400\n"
+        f"$ORIGIN {SIGNED_DOMAIN}.\n"
+        "@  SOA ns.bench.test. hostmaster.bench.test. 1 3600 600 604800 3600\n"
+        "@  NS  ns.bench.test.\n"
+        f"{SIGNED_SELECTOR}._domainkey  TXT  {strings}\n"
+        '_dmarc  TXT  "v=DMARC1; p=reject"\n'
+    )
+
+
+def prepare_signed(args: argparse.Namespace, directory: Path) -> SignedSetup:
+    """Make the RSA-2048 key and its zone, and sign one message per payload size with Mail::DKIM."""
+    directory.mkdir()
+    key = directory / f"{SIGNED_SELECTOR}.{SIGNED_DOMAIN}.key"
+    run_tool([args.openssl, "genrsa", "-traditional", "-out", str(key), "2048"], "making the DKIM key")
+    public_key = run_tool(
+        [args.openssl, "rsa", "-in", str(key), "-pubout", "-outform", "DER"], "reading the public key"
+    )
+    zone = directory / "signed-bench.zone"
+    zone.write_text(signed_zone(public_key), encoding="utf-8")
+    messages = {}
+    for size in args.sizes:
+        unsigned = prepared_message(size, SIGNED_SENDER)
+        source, signed = directory / f"unsigned-{size}.eml", directory / f"signed-{size}.eml"
+        source.write_bytes(unsigned)
+        run_tool(
+            [
+                args.perl, str(DKIM_SIGN), "--key", str(key), "--domain", SIGNED_DOMAIN,
+                "--selector", SIGNED_SELECTOR, "--in", str(source), "--out", str(signed),
+            ],
+            "signing with Mail::DKIM",
+        )  # fmt: skip
+        data = signed.read_bytes()
+        if not data.startswith(b"DKIM-Signature:") or not data.endswith(unsigned):
+            raise BenchError(f"{DKIM_SIGN.name} wrote something else than the signed message into {signed}")
+        messages[size] = PreparedMessage.write(data, directory / f"signed-{size}.txt")
+    return SignedSetup(directory, zone, messages)
+
+
+def start_fake_dns(args: argparse.Namespace, workdir: Path, zone: Path, core: int | None) -> FakeDns:
+    """bench/fake_dns.py serving ``zone`` on a free port of 127.0.0.1 (UDP and TCP)."""
+    host = "127.0.0.1"
+    for _ in range(50):
+        port = free_port()
+        if can_bind(host, port):
+            break
+    else:
+        raise BenchError("no port free for both UDP and TCP on 127.0.0.1 for the DNS server")
+    ready = workdir / "fake_dns.ready"
+    argv = [sys.executable, str(FAKE_DNS), f"--listen={host}:{port}", f"--zone={zone}", f"--ready={ready}"]
+    proc = Proc("fake_dns", argv, workdir / "fake_dns.log", core)
+    try:
+        document = wait_until("fake_dns", lambda: read_ready(ready), [proc], args.ready_timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    return FakeDns(proc, host, port, f"{host}:{document['control']}")
+
+
+DUMP_START = b"X-Client-Addr: "  # smtp-sink's first line of each dumped message
+AUTH_RESULTS = re.compile(rb"(?im)^Authentication-Results:[^\n]*(?:\n[ \t][^\n]*)*")
+DKIM_PASS = re.compile(rb"(?<![\w.-])dkim=pass\b")
+DMARC_PASS = re.compile(rb"(?<![\w.-])dmarc=pass\b")
+
+
+@dataclass
+class Delivery:
+    """What the sink's dump says about the messages of one run."""
+
+    checked: int = 0  # messages in the dump
+    intact: int = 0  # ending with the signed message, byte for byte
+    passed: int = 0  # with Authentication-Results saying dkim=pass and dmarc=pass
+    samples: list[str] = field(default_factory=list)
+
+
+def dumped_count(data: bytes) -> int:
+    return data.count(b"\n" + DUMP_START) + data.startswith(DUMP_START)
+
+
+def dns_questions(dns: FakeDns) -> int:
+    """How many questions the stopped fake_dns answered (its last line says), -1 if unknown."""
+    try:
+        lines = dns.proc.log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return -1
+    for line in reversed(lines):
+        if line.startswith("fake_dns: {"):
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                return int(json.loads(line.removeprefix("fake_dns: "))["queries"])
+    return -1
+
+
+def drain_dump(sink: Sink) -> None:
+    """Forget what the sink dumped so far (smtp-sink appends to the file, so it may be emptied)."""
+    if sink.dump is not None and sink.dump.exists():
+        with open(sink.dump, "r+b") as fh:
+            fh.truncate(0)
+
+
+def check_delivered(sink: Sink, message: PreparedMessage, delivered: int, *, authenticated: bool) -> Delivery:
+    """Read back (and empty) the sink's dump: every message must be ``message`` as signed, and
+    with ``authenticated`` carry an Authentication-Results field with dkim=pass and dmarc=pass."""
+    assert sink.dump is not None
+    deadline = time.monotonic() + 5.0
+    while True:  # the dump may trail the sink's counter by a moment
+        try:
+            data = sink.dump.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        if dumped_count(data) >= delivered or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    drain_dump(sink)
+    result = Delivery()
+    expected = message.data.replace(b"\r\n", b"\n").rstrip(b"\n")
+    chunks = data.split(b"\n" + DUMP_START)
+    if chunks and not chunks[0].startswith(DUMP_START):
+        chunks = chunks[1:]  # nothing before the first message (an empty dump)
+    for chunk in chunks:
+        result.checked += 1
+        text = chunk.rstrip(b"\n")
+        problem = ""
+        if text.endswith(expected):
+            result.intact += 1
+        else:
+            problem = "the message arrived changed"
+        if authenticated:
+            head = text[: text.find(b"\n\n")] if b"\n\n" in text else text
+            fields = [re.sub(rb"\n[ \t]+", b" ", f) for f in AUTH_RESULTS.findall(head)]
+            if any(DKIM_PASS.search(f) and DMARC_PASS.search(f) for f in fields):
+                result.passed += 1
+            elif not problem:
+                shown = b" | ".join(fields).decode("utf-8", "replace")[:400]
+                problem = shown or "no Authentication-Results field"
+        if problem and problem not in result.samples and len(result.samples) < 3:
+            result.samples.append(problem)
+    return result
 
 
 # endregion
@@ -475,11 +754,34 @@ class Run:
     group_us_per_msg: list[float] = field(default_factory=list)
     downstream_us_per_msg: float = float("nan")
     source_us_per_msg: float = float("nan")
+    # The signed workload: the sink's dump read back (checked = -1: not checked).
+    checked: int = -1
+    intact: int = 0
+    auth_required: bool = False
+    auth_pass: int = 0
+    check_samples: list[str] = field(default_factory=list)
+
+    @property
+    def unverified(self) -> int:
+        """Messages that arrived but not as they must (changed, or without dkim=pass and dmarc=pass),
+        or that are missing from the sink's dump."""
+        if self.checked < 0:
+            return 0
+        bad = self.checked - min(self.intact, self.auth_pass if self.auth_required else self.intact)
+        return bad + abs(self.delivered - self.checked)
+
+    @property
+    def not_as_signed(self) -> int:
+        """The signed workload: messages lost (mxward quarantines what fails DMARC) or unverified."""
+        return self.unverified + max(0, self.expected - self.delivered) if self.checked >= 0 else 0
 
     @property
     def failures(self) -> int:
         lost = max(0, self.expected - self.delivered)
-        return self.refused + self.other_warnings + self.probe_failed + lost + (self.source_status != 0)
+        return (
+            self.refused + self.other_warnings + self.probe_failed + lost + (self.source_status != 0)
+            + self.unverified
+        )  # fmt: skip
 
 
 def children_cpu() -> float:
@@ -488,11 +790,11 @@ def children_cpu() -> float:
 
 
 def source_argv(
-    args: argparse.Namespace, port: int, size: int, count: int, message_file: Path | None
+    args: argparse.Namespace, port: int, size: int, count: int, message: PreparedMessage | None
 ) -> list[str]:
     argv = [args.smtp_source, "-A", "-d", "-s", str(args.sessions), "-m", str(count)]
-    argv += ["-F", str(message_file)] if message_file is not None else ["-l", str(size)]
-    return [*argv, "-M", HELO, "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{port}"]
+    argv += ["-F", str(message.file)] if message is not None else ["-l", str(size)]
+    return [*argv, "-M", HELO, "-f", args.sender, "-t", RECIPIENT, f"127.0.0.1:{port}"]
 
 
 def run_source(argv: list[str], stderr_path: Path, timeout: float) -> tuple[int, float]:
@@ -542,7 +844,7 @@ def measure_run(
     count: int,
     pinning: str,
     round_no: int,
-    message_file: Path | None,
+    message: PreparedMessage | None,
     workdir: Path,
 ) -> Run:
     load_core = 1 if pinning == "pinned" else None
@@ -553,7 +855,8 @@ def measure_run(
         probe = Probe(
             server.port,
             size,
-            kind=args.message,
+            message=message,
+            sender=args.sender,
             interval=args.probe_interval / 1000,
             timeout=args.timeout,
             core=load_core,
@@ -566,7 +869,7 @@ def measure_run(
     try:
         return _measure_run(
             args, server, downstream, probe, size=size, count=count, pinning=pinning, round_no=round_no,
-            message_file=message_file, workdir=workdir,
+            message=message, workdir=workdir,
         )  # fmt: skip
     finally:
         if probe is not None:
@@ -583,15 +886,19 @@ def _measure_run(
     count: int,
     pinning: str,
     round_no: int,
-    message_file: Path | None,
+    message: PreparedMessage | None,
     workdir: Path,
 ) -> Run:
     load_core = 1 if pinning == "pinned" else None
-    argv = source_argv(args, server.port, size, count, message_file)
+    argv = source_argv(args, server.port, size, count, message)
     if load_core is not None:
         argv = ["taskset", "-c", str(load_core), *argv]
     roots = [proc.pid for proc in server.procs]
     relay_sink = downstream if downstream is not None and server.sink is downstream else None
+    dumping = relay_sink is not None and relay_sink.dump is not None
+    if dumping:
+        assert relay_sink is not None
+        drain_dump(relay_sink)
     before_counter = server.sink.delivered()
     cpu_before = policy_load.tree_cpu_seconds(roots)
     sink_before = policy_load.tree_cpu_seconds([relay_sink.proc.pid])[0] if relay_sink else 0.0
@@ -621,6 +928,9 @@ def _measure_run(
     delivered = server.sink.wait_delivered(before_counter + max(expected, 0)) - before_counter
     if expected < 0:
         expected = delivered  # smtp-source aborted: the failure is its status, not the count
+    delivery = None
+    if dumping and message is not None and relay_sink is not None:
+        delivery = check_delivered(relay_sink, message, delivered, authenticated=server.kind == "mxward")
     handled = count + (probe.sent if probe is not None else 0)
     cpu = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
     latencies = sorted(probe.latencies) if probe is not None else []
@@ -634,6 +944,10 @@ def _measure_run(
     )  # fmt: skip
     if relay_sink is not None:
         run.downstream_us_per_msg = (sink_after - sink_before) * 1e6 / handled
+    if delivery is not None:
+        run.checked, run.intact, run.auth_pass = delivery.checked, delivery.intact, delivery.passed
+        run.auth_required = server.kind == "mxward"
+        run.check_samples = delivery.samples
     if probe is not None:
         run.probe_sent = probe.sent
         run.probe_failed = len(probe.failures)
@@ -656,6 +970,8 @@ def describe(run: Run) -> str:
     if not math.isnan(run.p99_ms):
         text += f", probe {run.probe_sent} msgs p50 {run.p50_ms:.2f} ms p99 {run.p99_ms:.2f} ms"
     text += f", delivered {run.delivered}/{run.expected}"
+    if run.checked >= 0:
+        text += f", {'dkim+dmarc pass' if run.auth_required else 'intact'} {verified(run)}/{run.checked}"
     if run.failures:
         text += f", FAILURES {run.failures}"
     return text
@@ -677,7 +993,20 @@ def problems(run: Run) -> list[str]:
         out.append(f"probe: {run.probe_failed} messages refused ({'; '.join(run.probe_failure_samples)})")
     if run.probe_error:
         out.append(f"probe stopped: {run.probe_error}")
+    if run.checked >= 0:
+        if run.checked != run.delivered:
+            out.append(f"the sink's dump holds {run.checked} messages, its counter says {run.delivered}")
+        if run.intact != run.checked:
+            out.append(f"{run.checked - run.intact} messages arrived changed")
+        if run.auth_required and run.auth_pass != run.checked:
+            out.append(f"{run.checked - run.auth_pass} messages without dkim=pass and dmarc=pass")
+        out += [f"sample: {sample}" for sample in run.check_samples]
     return out
+
+
+def verified(run: Run) -> int:
+    """Messages of the run that arrived as they must (see :attr:`Run.unverified`)."""
+    return min(run.intact, run.auth_pass) if run.auth_required else run.intact
 
 
 # endregion
@@ -718,7 +1047,7 @@ def warm_up(
     downstream: Sink | None,
     m: Measurement,
     *,
-    message_file: Path | None,
+    message: PreparedMessage | None,
     workdir: Path,
 ) -> None:
     """Unmeasured passes, growing until one lasts WARMUP_SECONDS; they set the measured count."""
@@ -726,12 +1055,14 @@ def warm_up(
     while True:
         run = measure_run(
             args, server, downstream, size=m.size, count=count, pinning=m.pinning, round_no=0,
-            message_file=message_file, workdir=workdir,
+            message=message, workdir=workdir,
         )  # fmt: skip
         m.warmup.append(run)
         print(describe(run), flush=True)
         if run.source_status != 0:
             raise BenchError(f"warm-up failed: {'; '.join(problems(run))}")
+        if run.not_as_signed:
+            raise BenchError(f"warm-up: messages did not arrive as they must: {'; '.join(problems(run))}")
         if run.seconds >= WARMUP_SECONDS or count >= MAX_COUNT:
             break
         count = min(MAX_COUNT, max(2 * count, int(count * 1.2 * WARMUP_SECONDS / max(run.seconds, 1e-3))))
@@ -747,7 +1078,16 @@ def measure_mode(
     """One pinning mode: start everything, then each size: warm-ups, then the rotating rounds."""
     print(f"\n=== {pinning} ===", flush=True)
     workdir.mkdir()
-    servers, downstream, failed = start_servers(args, workdir, pinning)
+    dns: FakeDns | None = None
+    if args.signed is not None:
+        dns = start_fake_dns(args, workdir, args.signed.zone, 1 if pinning == "pinned" else None)
+        print(f"fake_dns on {dns.nameserver} serving {args.signed.zone.name}")
+    try:
+        servers, downstream, failed = start_servers(args, workdir, pinning, dns.nameserver if dns else "")
+    except BaseException:
+        if dns is not None:
+            dns.stop()
+        raise
     for kind, reason in failed.items():
         print(f"filter_bench: {kind} {reason}", file=sys.stderr)
         measurements.extend(
@@ -761,18 +1101,17 @@ def measure_mode(
         if downstream is not None:
             print(f"downstream smtp-sink: 127.0.0.1:{downstream.port}")
         for size in args.sizes:
-            message_file = None
-            if args.message == "prepared":
-                message_file = workdir / f"message-{size}.txt"
-                message_file.write_bytes(prepared_message(size).replace(b"\r\n", b"\n"))
+            message = None
+            if args.signed is not None:
+                message = args.signed.messages[size]
+            elif args.message == "prepared":
+                message = PreparedMessage.write(prepared_message(size), workdir / f"message-{size}.txt")
             current = {kind: Measurement(kind, size, pinning) for kind in servers}
             measurements.extend(current.values())
             print(f"\n--- payload {size} bytes, {pinning}: warm-up ---", flush=True)
             for kind, server in servers.items():
                 try:
-                    warm_up(
-                        args, server, downstream, current[kind], message_file=message_file, workdir=workdir
-                    )
+                    warm_up(args, server, downstream, current[kind], message=message, workdir=workdir)
                 except BenchError as exc:
                     current[kind].error = str(exc).splitlines()[0]
                     print(f"filter_bench: {kind}: {exc}", file=sys.stderr)
@@ -793,7 +1132,7 @@ def measure_mode(
                     try:
                         run = measure_run(
                             args, servers[kind], downstream, size=size, count=m.count, pinning=pinning,
-                            round_no=round_no, message_file=message_file, workdir=workdir,
+                            round_no=round_no, message=message, workdir=workdir,
                         )  # fmt: skip
                     except BenchError as exc:
                         m.error = str(exc).splitlines()[0]
@@ -808,6 +1147,11 @@ def measure_mode(
             server.stop()
         if downstream is not None:
             downstream.proc.stop()
+        if dns is not None:
+            dns.stop()
+            asked = dns_questions(dns)
+            args.dns_questions[pinning] = asked
+            print(f"fake_dns answered {asked} DNS questions in the {pinning} mode (mxward caches them)")
 
 
 # endregion
@@ -835,11 +1179,15 @@ def size_label(size: int) -> str:
 
 
 def results_table(measurements: list[Measurement]) -> list[str]:
-    lines = header([
+    checking = any(r.checked >= 0 for m in measurements for r in m.runs)
+    titles = [
         "server", "payload", "pinning", "runs × msgs", "msg/s min / med / max", "MB/s (med)",
         "probe p50 ms", "probe p99 ms", "server CPU %", "CPU µs/msg", "µs/msg without Redis",
         "smtp-source µs/msg", "delivered / expected", "failures",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    if checking:
+        titles.insert(-1, "as signed (passthrough) / dkim+dmarc pass (mxward)")
+    lines = header(titles)
     for m in measurements:
         if not m.runs:
             lines.append(row([m.server, size_label(m.size), m.pinning, "0", f"not measured: {m.error}"]))
@@ -849,13 +1197,20 @@ def results_table(measurements: list[Measurement]) -> list[str]:
         delivered = sum(r.delivered for r in m.runs)
         expected = sum(r.expected for r in m.runs)
         failures = sum(r.failures for r in m.runs)
-        lines.append(row([
+        cells = [
             m.server, size_label(m.size), m.pinning, f"{len(m.runs)} × {m.count}",
             f"{fmt(low)} / {fmt(mid)} / {fmt(high)}", fmt(m.median("mb_s"), 1),
             fmt(m.median("p50_ms"), 2), fmt(m.median("p99_ms"), 2), fmt(m.median("cpu_pct")),
             fmt(m.median("cpu_us_per_msg"), 1), without, fmt(m.median("source_us_per_msg"), 1),
             f"{delivered} / {expected}", str(failures) + (f" ({m.error})" if m.error else ""),
-        ]))  # fmt: skip
+        ]  # fmt: skip
+        if checking:
+            checked = [r for r in m.runs if r.checked >= 0]
+            cells.insert(
+                -1,
+                f"{sum(verified(r) for r in checked)} / {sum(r.checked for r in checked)}" if checked else "",
+            )
+        lines.append(row(cells))
     return lines
 
 
@@ -907,16 +1262,28 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
             + (f" (uvloop {version('uvloop')})" if loop == "uvloop" else "")
         ),
         "mxward commit": commit,
-        "mxward filter": f'checks = ["headers"], workers = {args.workers}, own redis-server on TCP',
+        "mxward filter": (
+            f"checks = [{', '.join(repr(c) for c in CHECKS[args.workload])}], workers = {args.workers}, "
+            "own redis-server on TCP"
+            + (", [dns] nameservers = bench/fake_dns.py on 127.0.0.1" if args.workload == "signed" else "")
+        ),
         "redis-server": command_output([args.redis_server, "--version"]),
         "load": (
             f"smtp-source -A -d -s {args.sessions} -m N "
-            f"{'-F FILE' if args.message == 'prepared' else '-l SIZE'} "
-            f"-M {HELO} -f {SENDER} -t {RECIPIENT}; "
+            f"{'-F FILE' if args.message != 'generated' else '-l SIZE'} "
+            f"-M {HELO} -f {args.sender} -t {RECIPIENT}; "
             f"about {args.seconds:g} s per run; {args.repeat} rounds; message {args.message}; "
             f"probe every {args.probe_interval:g} ms"
         ),
     }
+    if args.workload == "signed":
+        env["workload"] = (
+            f"signed: From {SIGNED_SENDER}, signed by Mail::DKIM {perl_module_version(args, 'Mail::DKIM')} "
+            f"(rsa-sha256, RSA-2048, relaxed/relaxed, selector {SIGNED_SELECTOR}); "
+            f'_dmarc.{SIGNED_DOMAIN} "v=DMARC1; p=reject"; every delivered message read back from '
+            "the downstream sink's dump"
+        )
+        env["dkimpy"] = version("dkimpy")
     if "mxward" not in args.servers:
         del env["mxward filter"], env["redis-server"]
     if "passthrough" not in args.servers:
@@ -924,8 +1291,13 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def perl_module_version(args: argparse.Namespace, module: str) -> str:
+    return command_output([args.perl, f"-M{module}", "-e", f"print ${module}::VERSION"])
+
+
 def report(args: argparse.Namespace, env: dict[str, str], measurements: list[Measurement]) -> str:
-    lines = ["# Content filters side by side", ""]
+    title = "# Content filters side by side" + (": DKIM and DMARC" if args.workload == "signed" else "")
+    lines = [title, ""]
     lines += [f"* {key}: {value}" for key, value in env.items()]
     lines += [
         "",
@@ -943,6 +1315,9 @@ def report(args: argparse.Namespace, env: dict[str, str], measurements: list[Mea
     comparison = comparison_table(measurements)
     if comparison:
         lines += ["", "## Against the pass-through", "", *comparison]
+    if args.dns_questions:
+        asked = ", ".join(f"{n} ({mode})" for mode, n in args.dns_questions.items())
+        lines += ["", f"DNS questions answered by fake_dns over each whole mode: {asked}."]
     issues = []
     for m in measurements:
         for run in m.runs:
@@ -963,7 +1338,8 @@ def save(args: argparse.Namespace, env: dict[str, str], measurements: list[Measu
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    md, js = results / f"filter-{stamp}.md", results / f"filter-{stamp}.json"
+    name = "filter" if args.workload == "plain" else f"filter-{args.workload}"
+    md, js = results / f"{name}-{stamp}.md", results / f"{name}-{stamp}.json"
     md.write_text(text, encoding="utf-8")
     document = {
         "environment": env,
@@ -1032,10 +1408,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--probe-interval", type=float, default=5.0, help="ms between probe messages, 0 = no probe (5)"
     )
     parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="plain",
+        help="plain: the headers check (default); signed: messages signed by Mail::DKIM, "
+        "mxward with the headers, dkim and dmarc checks",
+    )
+    parser.add_argument(
         "--message",
         choices=("generated", "prepared"),
         default="generated",
-        help="smtp-source's own message (default) or a prepared one with full headers (-F)",
+        help="smtp-source's own message (default) or a prepared one with full headers (-F); "
+        "the signed workload always sends its signed message",
     )
     parser.add_argument(
         "--passthrough-loop",
@@ -1051,6 +1435,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-server", default="/usr/bin/redis-server", help="redis-server executable")
     parser.add_argument("--smtp-source", default="/usr/sbin/smtp-source", help="smtp-source executable")
     parser.add_argument("--smtp-sink", default="/usr/sbin/smtp-sink", help="smtp-sink executable")
+    parser.add_argument("--openssl", default="openssl", help="openssl executable (signed workload)")
+    parser.add_argument("--perl", default="perl", help="perl with Mail::DKIM (signed workload)")
     parser.add_argument("--results-dir", default=str(HERE / "results"), help="where to save (bench/results)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args(argv)
@@ -1071,6 +1457,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--workers: 0 (one per core) to 256")
     args.pinnings = ["unpinned", "pinned"] if args.pinning == "both" else [args.pinning]
     args.interrupted = ""
+    args.sender = SIGNED_SENDER if args.workload == "signed" else SENDER
+    if args.workload == "signed":
+        args.message = "signed"
+    args.signed = None  # the SignedSetup, made once the tools are found
+    args.dns_questions = {}  # pinning mode -> questions fake_dns answered (signed workload)
     return args
 
 
@@ -1094,6 +1485,8 @@ def mxward_preflight(args: argparse.Namespace) -> None:
                 port=free_port(),
                 reinject_port=free_port(),
                 workers=args.workers,
+                workload=args.workload,
+                nameserver="127.0.0.1:53" if args.workload == "signed" else "",
             ),
             encoding="utf-8",
         )
@@ -1132,6 +1525,18 @@ def preflight(args: argparse.Namespace) -> None:
             if shutil.which(path) is None:
                 raise BenchError(f"mxward: {path} not found or not executable")
         mxward_preflight(args)
+    if args.workload == "signed":
+        if shutil.which(args.openssl) is None:
+            raise BenchError(f"the signed workload makes its key with openssl: {args.openssl} not found")
+        result = subprocess.run(
+            [args.perl, "-MMail::DKIM::Signer", "-MMail::DKIM::TextWrap", "-e", "1"],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise BenchError(
+                f"the signed workload signs with Perl's Mail::DKIM, which {args.perl} cannot load "
+                "(Debian: apt-get install libmail-dkim-perl)"
+            )
     if "pinned" in args.pinnings:
         if shutil.which("taskset") is None:
             raise BenchError("pinning needs taskset (util-linux)")
@@ -1153,6 +1558,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         with sigterm_as_interrupt():
+            if args.workload == "signed":
+                args.signed = prepare_signed(args, tmp / "signed")
             for pinning in args.pinnings:
                 measure_mode(args, pinning, tmp / pinning, measurements)
     except KeyboardInterrupt:
@@ -1174,6 +1581,13 @@ def main(argv: list[str] | None = None) -> int:
         text = report(args, env, measurements)
         print("\n" + text)
         save(args, env, measurements, text)
+    unverified = sum(r.not_as_signed for m in measurements for r in m.runs)
+    if unverified:
+        print(
+            f"filter_bench: FAILED: {unverified} measured messages did not arrive as they must (lost, "
+            "changed, or without dkim=pass and dmarc=pass): see 'Delivery failures and warnings'",
+            file=sys.stderr,
+        )
     if status == 0 and any(m.error or any(r.failures for r in m.runs) for m in measurements):
         status = 1
     return status

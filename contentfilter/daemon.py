@@ -116,7 +116,9 @@ async def open_filter(config: Config, embedded_socket: str | None) -> FilterRunt
     except Exception as exc:
         log.warning("state store not reachable at start-up (%s); will keep trying", exc)
     name = hostname(config)
-    services = Services(dns=Resolver(config.dns, clock=clock), state=state, clock=clock, hostname=name)
+    services = Services(
+        dns=Resolver(config.dns, clock=clock), state=state, clock=clock, hostname=name, config=config
+    )
     pipeline, checks = await build_filter_pipeline(config, services)
     quarantine = Quarantine(
         config.data_dir / "quarantine",

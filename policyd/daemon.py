@@ -92,7 +92,11 @@ async def open_runtime(config: Config, embedded_socket: str | None) -> Runtime:
         # Keep serving: each check's on_error decides what an unavailable store means.
         log.warning("state store not reachable at start-up (%s); will keep trying", exc)
     services = Services(
-        dns=Resolver(config.dns, clock=clock), state=state, clock=clock, hostname=hostname(config)
+        dns=Resolver(config.dns, clock=clock),
+        state=state,
+        clock=clock,
+        hostname=hostname(config),
+        config=config,
     )
     pipeline, checks = await build_pipeline(config, services)
     facts = MessageFacts(state, config.policyd.message_facts_ttl) if config.policyd.message_facts else None

@@ -127,7 +127,11 @@ async def _services(config: Config) -> AsyncIterator[Any]:
         from mxward.policyd.daemon import hostname
 
         yield Services(
-            dns=Resolver(config.dns, clock=clock), state=store, clock=clock, hostname=hostname(config)
+            dns=Resolver(config.dns, clock=clock),
+            state=store,
+            clock=clock,
+            hostname=hostname(config),
+            config=config,
         )
     finally:
         await store.aclose()
@@ -289,6 +293,26 @@ def _check_message(args: argparse.Namespace, config: Config) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def cmd_dkim(args: argparse.Namespace, config: Config) -> int:
+    from mxward.contentfilter.dkimkeys import run_command
+
+    async def run() -> int:
+        async with _services(config) as services:
+            return await run_command(args, config, services)
+
+    return asyncio.run(run())
+
+
+def cmd_dmarc(args: argparse.Namespace, config: Config) -> int:
+    from mxward.contentfilter.dmarcreports import run_command
+
+    async def run() -> int:
+        async with _services(config) as services:
+            return await run_command(args, config, services, settings=config.dmarc_reports)
+
+    return asyncio.run(run())
 
 
 def cmd_quarantine(args: argparse.Namespace, config: Config) -> int:
@@ -716,6 +740,11 @@ def parser() -> argparse.ArgumentParser:
     from mxward.contentfilter.quarantine import add_parser as add_quarantine_parser
 
     add_quarantine_parser(sub)
+    from mxward.contentfilter.dkimkeys import add_parser as add_dkim_parser
+    from mxward.contentfilter.dmarcreports import add_parser as add_dmarc_parser
+
+    add_dkim_parser(sub)
+    add_dmarc_parser(sub)
     sub.add_parser("postfix-config", help="print the main.cf and master.cf lines for this configuration")
     check = sub.add_parser("config-check", help="validate a configuration file (exit 78 if invalid)")
     check.add_argument("file", nargs="?", help="file to check (default: the --config file)")
@@ -727,6 +756,8 @@ COMMANDS = {
     "policyd": cmd_policyd,
     "filter": cmd_filter,
     "quarantine": cmd_quarantine,
+    "dmarc": cmd_dmarc,
+    "dkim": cmd_dkim,
     "check": cmd_check,
     "greylist": cmd_greylist,
     "karma": cmd_karma,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from mxward.contentfilter.dmarcreports import ReportSettings
 from mxward.shared.dns import DnsSettings
 from mxward.shared.matchers import AddressList
 from mxward.shared.netutil import NetworkList
@@ -183,7 +184,9 @@ class FilterSettings:
     workers: int = 0
     allowed_clients: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     xforward_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-    checks: tuple[str, ...] = ("headers",)
+    # Message authentication and header sanity: what a receiving MX checks today (no keys of
+    # our own are needed: signing and sealing start only when keys are configured).
+    checks: tuple[str, ...] = ("headers", "dkim", "arc", "dmarc")
     authserv_id: str = ""
     max_message_size: int = 52428800
     max_line_length: int = 65536
@@ -288,6 +291,7 @@ class Config:
     dns: DnsSettings = field(default_factory=DnsSettings)
     policyd: PolicydSettings = field(default_factory=PolicydSettings)
     filter: FilterSettings = field(default_factory=FilterSettings)
+    dmarc_reports: ReportSettings = field(default_factory=ReportSettings)
     checks: Mapping[str, CheckConfig] = field(default_factory=dict)
     # The content filter's checks ([filter] checks), same [checks.<name>] tables.
     filter_checks: Mapping[str, CheckConfig] = field(default_factory=dict)
@@ -305,6 +309,7 @@ _TOP_TABLES: dict[str, tuple[str, type[Any]]] = {
     "dns": ("dns", DnsSettings),
     "policyd": ("policyd", PolicydSettings),
     "filter": ("filter", FilterSettings),
+    "dmarc_reports": ("dmarc_reports", ReportSettings),
 }
 
 

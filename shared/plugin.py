@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mxward.contentfilter.message import Message
     from mxward.shared.authresults import AuthResult
     from mxward.shared.clock import Clock
+    from mxward.shared.config import Config
     from mxward.shared.dns import Resolver
     from mxward.shared.state import StateStore
 
@@ -226,6 +227,9 @@ class Services:
     state: StateStore
     clock: Clock
     hostname: str = "localhost"
+    # The whole configuration, for the few checks that read a global table (the filter's
+    # authserv-id, [dmarc_reports]); a check's own settings are its options.
+    config: Config | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ def run(
             f'[mxward]\ndata_dir = "{tmp_path}/data"\n[state]\nurl = "{redis_url}"\n'
             f'key_prefix = "cli{abs(hash(str(tmp_path))) % 10**8}"\n'
             f"[policyd]\nchecks = {checks}\n{extra}"
+            # the content checks that ask no DNS (the default list would ask the real one)
+            + ("" if "[filter]" in extra else '\n[filter]\nchecks = ["headers"]\n')
         )
     env = dict(os.environ, PYTHONPATH=str(PLUGINS))
     return subprocess.run(

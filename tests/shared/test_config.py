@@ -181,6 +181,7 @@ def _defaults(config: Config) -> dict[str, Any]:
         "dns": config.dns,
         "policyd": config.policyd,
         "filter": config.filter,
+        "dmarc_reports": config.dmarc_reports,
     }
     out: dict[str, Any] = {}
 

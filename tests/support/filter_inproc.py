@@ -22,7 +22,13 @@ def filter_config(
     data: dict[str, Any] = {
         "mxward": {"data_dir": str(tmp_path / "data"), "hostname": "mx.test.example"},
         "state": {"url": state_url, "key_prefix": f"t{uuid.uuid4().hex[:10]}"},
-        "filter": {"reinject": f"127.0.0.1:{sink_port}", "reinject_timeout": "5s", **(filter_table or {})},
+        # only the checks that ask no DNS unless the test names its own (never the real DNS)
+        "filter": {
+            "reinject": f"127.0.0.1:{sink_port}",
+            "reinject_timeout": "5s",
+            "checks": ["headers"],
+            **(filter_table or {}),
+        },
         **tables,
     }
     return parse_config(data, source="test", resolve_check=resolve_check)

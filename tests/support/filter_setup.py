@@ -60,6 +60,8 @@ def write_filter_config(
 ) -> tuple[Path, Path]:
     log = tmp_path / "mxward.log"
     config = tmp_path / "mxward.toml"
+    # Only the checks that ask no DNS unless the test names its own (never the real DNS).
+    checks = "" if "checks" in filter_extra else 'checks = ["headers"]\n'
     policyd = (
         f'[policyd]\nlisten = ["127.0.0.1:{policyd_port}"]\nworkers = 1\n{policyd_extra}\n'
         if policyd_port
@@ -69,7 +71,7 @@ def write_filter_config(
         f'[mxward]\ndata_dir = "{tmp_path}/data"\nlog_target = "file:{log}"\nhostname = "mx.test.example"\n'
         f'[state]\nurl = "{state_url}"\nkey_prefix = "t{uuid.uuid4().hex[:10]}"\n'
         f'[filter]\nlisten = ["127.0.0.1:{port}"]\nreinject = "127.0.0.1:{reinject_port}"\n'
-        f'mode = "{mode}"\nworkers = 1\n{filter_extra}\n{policyd}{extra}'
+        f'mode = "{mode}"\nworkers = 1\n{checks}{filter_extra}\n{policyd}{extra}'
     )
     return config, log
 

@@ -179,6 +179,12 @@ def write_config(
         f'[state]\nurl = "{state_url}"\nkey_prefix = "t{uuid.uuid4().hex[:10]}"\n'
         f"[policyd]\nlisten = [{listen_toml}]\nworkers = 2\n{checks}{policyd}\n"
         f"[checks.greylist]\n{greylist}\n{extra}"
+        # `mxward run` starts the content filter too: on a free port, with no DNS-asking checks
+        + (
+            ""
+            if "[filter]" in extra
+            else f'\n[filter]\nlisten = ["127.0.0.1:{find_free_port()}"]\nchecks = ["headers"]\n'
+        )
     )
     address = listen[0] if listen[0].startswith("unix:") else f"127.0.0.1:{port}"
     return config, log, address
