@@ -140,6 +140,7 @@ def filter_lab(
     command: str = "filter",
     policyd_extra: str = "",
     forward: bool = False,
+    xclient_hosts: str = "",
 ) -> Iterator[FilterLab]:
     """Start the filter, then a Postfix that uses it; stop both afterwards.
 
@@ -187,6 +188,8 @@ def filter_lab(
                 f"    -o smtpd_proxy_filter=127.0.0.1:{port}",
                 "    -o smtpd_proxy_timeout=60s",
             ]
+        if xclient_hosts:
+            kwargs["xclient_hosts"] = xclient_hosts
         pf = postfix(
             extra_main_cf=main_cf,
             extra_master_cf=filter_master_cf(reinject_port),
