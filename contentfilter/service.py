@@ -27,8 +27,9 @@ quarantine copy is on disk and indexed); any exception, time-out or downstream t
 ``451 4.3.0`` and the downstream transaction is reset, so nothing is delivered twice on retry.
 
 Afterwards the verdict goes into the sender IP's karma (``[filter] karma``): tagged,
-quarantined, rejected or discarded mail counts as naughty, clean mail from a client policyd
-already knew as nice; once per queue id.
+quarantined, rejected or discarded mail and any DMARC fail count as naughty; clean mail from a
+client policyd already knew, or with a first-party DKIM pass (DKIM aligned with the From
+domain), as nice; once per queue id.
 """
 
 from __future__ import annotations
@@ -376,10 +377,13 @@ class FilterService:
         tx = judgement.tx
         if self.karma is None or tx.client_ip is None or not tx.queue_id or tx.sasl_username:
             return
-        if judgement.verdict in (TAG, REJECT, QUARANTINE, DISCARD):
-            outcome = Outcome.NAUGHTY
-        elif judgement.verdict == PASS and tx.facts.get("karma.known") is True:
-            outcome = Outcome.NICE
+        facts = tx.facts
+        if judgement.verdict in (TAG, REJECT, QUARANTINE, DISCARD) or facts.get("dmarc.result") == "fail":
+            outcome = Outcome.NAUGHTY  # a DMARC fail counts even under p=none
+        elif judgement.verdict == PASS and (
+            facts.get("karma.known") is True or facts.get("dmarc.dkim_aligned") is True
+        ):
+            outcome = Outcome.NICE  # clean mail from a known client, or with a first-party DKIM pass
         else:
             return
         try:

@@ -405,3 +405,41 @@ async def test_outgoing_steps_sign_the_final_message(flt: RunningFilter, on_erro
     first = got.data.split(b"\r\n", 2)
     assert first[1] == b"\tfolded" and first[2].startswith(b"Authentication-Results: mx.test.example")
     assert int(first[0].split()[1]) == len(got.data) - len(first[0]) - len(first[1]) - 4
+
+
+async def test_dmarc_and_dkim_results_go_into_karma(flt: RunningFilter) -> None:
+    """A DMARC fail lowers the client's karma (even under p=none); a first-party DKIM pass raises it."""
+    from mxward.shared.pipeline import ActiveCheck, Pipeline
+    from mxward.shared.plugin import Check, Result, Stage, Transaction, Verdict
+
+    class Judge(Check[Any]):
+        """Reports what the dkim and dmarc checks would, from the Subject."""
+
+        name = "judge"
+        stages = frozenset({Stage.CONTENT})
+
+        async def check(self, stage: Stage, tx: Transaction) -> Result:
+            failing = "fail" in (tx.message.get("subject") if tx.message else "")
+            facts = (
+                {"dmarc.result": "fail", "dmarc.policy": "none", "dmarc.dkim_aligned": False}
+                if failing
+                else {"dmarc.result": "pass", "dmarc.dkim_aligned": True}
+            )
+            return self.result(Verdict.PASS, facts=facts)
+
+    service = flt.runtime.service
+    service.pipeline = Pipeline(
+        [ActiveCheck(check=Judge(None, flt.runtime.services), timeout=1.0)], service.pipeline.settings
+    )
+    talk = await flt.talk()
+    for ident, subject in (("QKARMA01", "fail one"), ("QKARMA02", "aligned"), ("QKARMA03", "fail two")):
+        assert (await talk.cmd(f"XFORWARD ADDR=192.0.2.77 IDENT={ident}"))[0] == 250
+        assert (await talk.cmd("MAIL FROM:<a@sender.example>"))[0] == 250
+        assert (await talk.cmd("RCPT TO:<k@sink.test>"))[0] == 250
+        assert (await talk.cmd("DATA"))[0] == 354
+        await talk.send(stuffed(message(subject=subject)))
+        assert (await talk.reply())[0] == 250  # delivered: p=none changes nothing for the mail
+    await talk.close()
+    await service.drain(5.0)
+    record = await KarmaStore(flt.runtime.services.state, KarmaRules()).show("192.0.2.77")
+    assert (record.nice, record.naughty) == (1, 2)
