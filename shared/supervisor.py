@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mxward.shared.config import Config, ConfigError, parse_listen
+from mxward.shared.config import EX_CONFIG, Config, ConfigError, parse_listen
 from mxward.shared.embedded import EmbeddedServer
 
 __all__ = ["ConfigLoader", "Role", "bind_sockets", "run_worker", "supervise", "usable_cores"]
@@ -147,6 +147,10 @@ def run_worker(
     try:
         with asyncio.Runner(loop_factory=_event_loop_factory(role.event_loop)) as runner:
             runner.run(role.main(config, load, sockets, embedded))
+    except ConfigError as exc:
+        # A check refused its settings at start (an unreadable key, say): restarting cannot help.
+        log.error("%s worker cannot start: configuration error: %s", role.name, exc)  # noqa: TRY400
+        return EX_CONFIG
     except Exception:
         log.exception("%s worker failed", role.name)
         return 1
@@ -207,6 +211,7 @@ def supervise(config: Config, load: ConfigLoader, roles: Sequence[Role], name: s
             spawn(role, slot)
     grace = max(role.grace for role in roles)
     stopping = False
+    status = 0
     kill_at = 0.0
     try:
         while children:
@@ -245,6 +250,14 @@ def supervise(config: Config, load: ConfigLoader, roles: Sequence[Role], name: s
                 code = os.waitstatus_to_exitcode(wstatus)
                 if stopping:
                     continue
+                if code == EX_CONFIG:
+                    log.error("stopping: a %s worker found a configuration error (see above)", role.name)
+                    stopping, status = True, EX_CONFIG
+                    for pid in children:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGTERM)
+                    kill_at = time.monotonic() + grace + 5.0
+                    continue
                 log.error("%s worker %d exited with status %d; starting a new one", role.name, pid, code)
                 if time.monotonic() - born < 1.0:
                     time.sleep(1.0)
@@ -265,4 +278,4 @@ def supervise(config: Config, load: ConfigLoader, roles: Sequence[Role], name: s
         if embedded is not None:
             embedded.stop()
         log.info("mxward %s stopped", name)
-    return 0
+    return status

@@ -191,3 +191,29 @@ def test_postfix_config_prints_the_filter_services(tmp_path: Path, postfix: Any,
         services = [line.split()[0] for line in printed.filter_master_cf]
         assert services == ["scan", f"127.0.0.1:{lab.forwarder.port if lab.forwarder else lab.reinject_port}"]
         assert "-o content_filter=" in out and "-o smtpd_end_of_data_restrictions=" in out
+
+
+def test_a_check_refusing_its_settings_at_start_stops_mxward_with_78(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """A signing key that cannot be read: exit 78 (EX_CONFIG) with the reason, not a restart loop."""
+    from support.filter_setup import write_filter_config
+    from support.postfix import find_free_ports
+
+    port, reinject = find_free_ports(2)
+    config, log = write_filter_config(
+        tmp_path,
+        redis_server.url,
+        port=port,
+        reinject_port=reinject,
+        filter_extra='checks = ["headers", "dkim"]\n',
+        extra=(
+            "[[checks.dkim.keys]]\n"
+            f'domain = "example.com"\nselector = "s1"\nkey_file = "{tmp_path}/missing.key"\n'
+        ),
+    )
+    done = subprocess.run(
+        [MXWARD, "--config", str(config), "filter"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 78, (done.returncode, log.read_text())
+    assert "configuration error" in log.read_text() and "missing.key" in log.read_text()
