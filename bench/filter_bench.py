@@ -74,8 +74,9 @@ status 1); in a warm-up it stops the server's measurement at once.
 
 Output: progress lines, then a results table and a table of each server against the
 pass-through (msg/s ratio and CPU/msg ratio), saved with every run's numbers to
-``bench/results/filter-<UTC timestamp>.md`` and ``.json`` (gitignored). Everything started (in its
-own session) is stopped at the end, also on errors, Ctrl-C and SIGTERM.
+``bench/results/filter-<UTC timestamp>.md`` and ``.json`` (``filter-signed-...`` for the signed
+workload; gitignored). Everything started (in its own session) is stopped at the end, also on
+errors, Ctrl-C and SIGTERM.
 
 Needs: ``/usr/sbin/smtp-source`` and ``/usr/sbin/smtp-sink`` (Debian package ``postfix``; install
 it with debconf's "No configuration", as ``tests/run.sh`` does), ``/usr/bin/redis-server`` and
