@@ -46,6 +46,21 @@ _RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 _PATH = re.compile(r'\s*<((?:"(?:[^"\\]|\\.)*"|[^<>"\s])*)>\s*(.*)', re.DOTALL)
 _XTEXT = re.compile(r"\+([0-9A-F]{2})")
 _READ_SIZE = 262144
+# Single-line replies without an enhanced status code, and the code they get.
+_ENHANCED = {
+    b"221": b"2.0.0",
+    b"250": b"2.0.0",
+    b"421": b"4.4.2",
+    b"451": b"4.3.0",
+    b"500": b"5.5.2",
+    b"501": b"5.5.4",
+    b"502": b"5.5.1",
+    b"503": b"5.5.1",
+    b"504": b"5.5.4",
+    b"530": b"5.7.0",
+    b"554": b"5.5.0",
+}
+_BARE_REPLY = re.compile(rb"(221|250|421|451|50[01234]|530|554) (?![245]\.\d{1,3}\.\d{1,3}\b)[^\r\n]*\Z")
 _TERMINATOR = b"\r\n.\r\n"
 
 
@@ -138,8 +153,15 @@ class FilterSMTP(SMTP):
         await super()._handle_client()
 
     async def push(self, status: Any) -> None:
-        """Send a reply; while more pipelined commands are waiting, collect the replies."""
+        """Send a reply; while more pipelined commands are waiting, collect the replies.
+
+        aiosmtpd's own replies (unknown command, bad syntax, QUIT) carry no enhanced status
+        code; we announce ENHANCEDSTATUSCODES, so the missing code is added (RFC 2034).
+        """
         data = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
+        match = _BARE_REPLY.match(data)
+        if match is not None:
+            data = data[:4] + _ENHANCED[data[:3]] + b" " + data[4:]
         data += b"\r\n"
         buffered = self._reader._buffer  # type: ignore[attr-defined]  # noqa: SLF001
         if b"\n" in buffered and not data.startswith(b"354"):

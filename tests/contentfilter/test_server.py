@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -443,3 +444,13 @@ async def test_dmarc_and_dkim_results_go_into_karma(flt: RunningFilter) -> None:
     await service.drain(5.0)
     record = await KarmaStore(flt.runtime.services.state, KarmaRules()).show("192.0.2.77")
     assert (record.nice, record.naughty) == (1, 2)
+
+
+async def test_every_reply_carries_an_enhanced_status_code(flt: RunningFilter) -> None:
+    """Also aiosmtpd's own replies (unknown command, bad syntax, QUIT, HELP)."""
+    talk = await flt.talk()
+    for command, code in (("BOGUS", 500), ("HELP", 250), ("NOOP", 250), ("EXPN x", 502), ("QUIT", 221)):
+        got, text = await talk.cmd(command)
+        assert got == code, (command, got, text)
+        assert re.match(r"[245]\.\d{1,3}\.\d{1,3} ", text), (command, text)
+    await talk.close()
