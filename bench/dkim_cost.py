@@ -11,7 +11,8 @@ message: a full header set, 80-byte lines) and with each key type:
 
 sign        ``DkimCheck.outgoing(tx, message)``, the step the filter runs before delivering a
             message of an authenticated submitter: parse the message, find the From domain,
-            pick the keys, canonicalize and hash body and header, sign (dkimpy). One check per
+            pick the keys, canonicalize and hash body and header (dkimpy), sign (OpenSSL through
+            cryptography for RSA, PyNaCl for Ed25519). One check per
             row: an RSA-2048 key, an Ed25519 key, and both keys of one domain (the dual-signing
             set-up RFC 8463 suggests, two DKIM-Signature fields).
 verify      ``DkimCheck.check(CONTENT, tx)`` on a message signed in the row above with that key:

@@ -10,7 +10,8 @@ Private key files
     (``-----BEGIN PRIVATE KEY-----``, OpenSSL 3's default). Ed25519: unencrypted PKCS#8 PEM
     (``openssl genpkey -algorithm ed25519``), or a file holding only the base64 of the 32-byte
     seed (dkimpy's ``dknewkey`` format). Encrypted keys are refused: a daemon that starts by
-    itself has nobody to type a passphrase.
+    itself has nobody to type a passphrase. OpenSSL (through ``cryptography``) reads the RSA
+    keys and refuses one whose numbers do not make a single RSA key.
     A key file must be a regular file that other users can neither read nor write, and that
     its group cannot write (``0600``, or ``0640`` with the daemon's group); anything else is
     refused with a message that says how to fix it.
@@ -55,7 +56,11 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import nacl.exceptions
 import nacl.signing
-from dkim.crypto import UnparsableKeyError, parse_private_key, parse_public_key  # type: ignore[import-untyped]
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from dkim.crypto import UnparsableKeyError, parse_public_key  # type: ignore[import-untyped]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
 
 from mxward.shared.dns import DnsError, DnsTempError
@@ -88,6 +93,7 @@ __all__ = [
 ]
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
+_Handle = rsa.RSAPrivateKey | nacl.signing.SigningKey
 ALGORITHMS: Final[tuple[Algorithm, ...]] = ("rsa-sha256", "ed25519-sha256")
 DEFAULT_KEY_DIR: Final = "/etc/mxward/dkim"
 MIN_RSA_BITS: Final = 1024
@@ -114,13 +120,29 @@ class PrivateKey:
 
     ``material`` is what dkimpy's signer takes (PEM for RSA, the base64 seed for Ed25519);
     ``public`` is what ``p=`` carries (the SubjectPublicKeyInfo DER for RSA, the 32-byte key
-    for Ed25519).
+    for Ed25519). :meth:`sign_digest` signs with the key loaded once: OpenSSL's RSA (through
+    ``cryptography``), PyNaCl's Ed25519.
     """
 
     algorithm: Algorithm
     bits: int
     public: bytes
     material: bytes = field(repr=False)
+    handle: _Handle | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.handle is None:
+            object.__setattr__(self, "handle", _handle(self.algorithm, self.material))
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """The signature of a SHA-256 ``digest`` (RSASSA-PKCS1-v1_5 for RSA, RFC 8017 section
+        8.2.1; for Ed25519, RFC 8463 signs the digest itself as the message)."""
+        handle = self.handle
+        if isinstance(handle, rsa.RSAPrivateKey):
+            return handle.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        if isinstance(handle, nacl.signing.SigningKey):
+            return handle.sign(digest).signature
+        raise DkimKeyError("the key cannot sign")
 
     @property
     def kind(self) -> Literal["rsa", "ed25519"]:
@@ -219,17 +241,22 @@ def parse_private_key_text(data: bytes) -> PrivateKey:
 
 
 def _rsa_key(der: bytes, label: str) -> PrivateKey:
+    # OpenSSL reads PKCS#1 and PKCS#8 alike, and checks that the numbers make one RSA key
+    # (a key whose primes do not give its modulus would sign what nobody can verify).
     try:
-        parsed = parse_private_key(der)
-    except (UnparsableKeyError, IndexError, ValueError, TypeError):
+        handle = serialization.load_der_private_key(der, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise DkimKeyError("not a valid RSA private key") from None
-    modulus, exponent = int(parsed["modulus"]), int(parsed["publicExponent"])
+    if not isinstance(handle, rsa.RSAPrivateKey):
+        raise DkimKeyError("not a valid RSA private key")
+    numbers = handle.public_key().public_numbers()
+    modulus, exponent = numbers.n, numbers.e
     bits = modulus.bit_length()
     if bits < MIN_RSA_BITS:
         raise DkimKeyError(f"a {bits}-bit RSA key is too short: receivers ignore keys under 1024 bits")
     if bits > 8192:
         raise DkimKeyError(f"a {bits}-bit RSA key is too long (at most 8192 bits)")
-    return PrivateKey("rsa-sha256", bits, rsa_public_der(modulus, exponent), _pem(label, der))
+    return PrivateKey("rsa-sha256", bits, rsa_public_der(modulus, exponent), _pem(label, der), handle)
 
 
 def _pkcs8_ed25519(der: bytes) -> PrivateKey:
@@ -262,7 +289,23 @@ def _ed25519_key(seed: bytes) -> PrivateKey:
         signing = nacl.signing.SigningKey(seed)
     except (nacl.exceptions.CryptoError, ValueError, TypeError):
         raise DkimKeyError("not a valid Ed25519 seed") from None
-    return PrivateKey("ed25519-sha256", 256, bytes(signing.verify_key), base64.b64encode(seed))
+    return PrivateKey("ed25519-sha256", 256, bytes(signing.verify_key), base64.b64encode(seed), signing)
+
+
+def _handle(algorithm: Algorithm, material: bytes) -> _Handle:
+    """The signing object of a key given only as its ``material``."""
+    if algorithm == "ed25519-sha256":
+        try:
+            return nacl.signing.SigningKey(base64.b64decode(material, validate=True))
+        except (nacl.exceptions.CryptoError, binascii.Error, ValueError, TypeError):
+            raise DkimKeyError("not a valid Ed25519 seed") from None
+    try:
+        handle = serialization.load_pem_private_key(material, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise DkimKeyError("not a valid RSA private key") from None
+    if not isinstance(handle, rsa.RSAPrivateKey):
+        raise DkimKeyError("not a valid RSA private key")
+    return handle
 
 
 def _pem(label: str, der: bytes) -> bytes:
