@@ -23,7 +23,7 @@ from mxward.contentfilter.reinject import Downstream
 from mxward.contentfilter.server import FilterSMTP
 from mxward.contentfilter.service import FilterService
 from mxward.shared.clock import SystemClock
-from mxward.shared.config import Config, ConfigError, parse_listen
+from mxward.shared.config import Config, parse_listen
 from mxward.shared.dns import Resolver
 from mxward.shared.karma import KarmaRules
 from mxward.shared.msgfacts import MessageFacts
@@ -31,7 +31,7 @@ from mxward.shared.netutil import NetworkList
 from mxward.shared.pipeline import Pipeline, PipelineSettings, start_pipeline
 from mxward.shared.plugin import Check, Services, Stage
 from mxward.shared.state import StateStore
-from mxward.shared.supervisor import ConfigLoader, Role, supervise
+from mxward.shared.supervisor import ConfigLoader, Role, reload_pipeline, supervise
 
 __all__ = ["FilterRuntime", "build_filter_pipeline", "filter_role", "open_filter", "run_filter"]
 
@@ -152,24 +152,10 @@ async def _worker(
 
     async def reload() -> None:
         async with reload_lock:
-            try:
-                new = load()
-            except ConfigError as exc:
-                log.error("reload: keeping the running configuration: %s", exc)  # noqa: TRY400
-                return
-            try:
-                pipeline, checks = await build_filter_pipeline(new, runtime.services)
-            except Exception as exc:
-                log.error("reload: keeping the running configuration: checks failed to start: %s", exc)  # noqa: TRY400
-                return
-            old = runtime.checks
-            runtime.service.pipeline = pipeline
-            runtime.checks = checks
-            runtime.config = new
-            for check in old:
-                with contextlib.suppress(Exception):
-                    await check.aclose()
-            log.info("reloaded configuration from %s", new.path or "built-in defaults")
+            new = await reload_pipeline(runtime, load, build_filter_pipeline)
+            if new is not None:  # thresholds, actions and headers of the new [filter] table
+                runtime.service.settings = new.filter
+                runtime.service.authserv_id = new.filter.authserv_id or runtime.services.hostname
 
     async def purge() -> None:
         while True:

@@ -138,10 +138,11 @@ class FilterSMTP(SMTP):
             self.service.background(task)
 
     def _peer_in(self, networks: NetworkList) -> bool:
-        ip = parse_ip(self._peer_ip) if self._peer_ip else None
-        if ip is None:
-            return self._peer_ip == "" and networks is self._allowed  # unix socket: local
-        return ip in networks
+        """Whether the client is in ``networks``; a unix-socket client is local and always is."""
+        if not self._peer_ip:
+            return True
+        ip = parse_ip(self._peer_ip)
+        return ip is not None and ip in networks
 
     async def _handle_client(self) -> None:
         if not self._peer_in(self._allowed):

@@ -422,12 +422,7 @@ class FilterService:
             f" size={message.size} policyd={judgement.policy}"
             + (f"[{kv(record_view)}]" if record_view else "")
             + f" action={judgement.verdict} score={decision.score:g} checks={kv(' '.join(parts))}"
-            f" ms={elapsed:.1f} reply={kv(reply)}"
-            + (
-                f" {detail}"
-                if detail and "=" in detail and " " not in detail
-                else (f" detail={kv(detail)}" if detail else "")
-            ),
+            f" ms={elapsed:.1f} reply={kv(reply)}" + (f" {detail}" if detail else ""),  # already key=value
         )
 
 

@@ -22,7 +22,7 @@ from mxward.policyd.protocol import Limits, action_text
 from mxward.policyd.server import PolicyServer, ServerLimits
 from mxward.policyd.service import PolicyService
 from mxward.shared.clock import SystemClock
-from mxward.shared.config import Config, ConfigError
+from mxward.shared.config import Config
 from mxward.shared.dns import Resolver
 from mxward.shared.matchers import AddressList
 from mxward.shared.msgfacts import MessageFacts
@@ -30,7 +30,7 @@ from mxward.shared.netutil import NetworkList
 from mxward.shared.pipeline import Pipeline, PipelineSettings, start_pipeline
 from mxward.shared.plugin import Action, Check, Services
 from mxward.shared.state import StateStore
-from mxward.shared.supervisor import ConfigLoader, Role, supervise
+from mxward.shared.supervisor import ConfigLoader, Role, reload_pipeline, supervise
 
 __all__ = ["Runtime", "build_pipeline", "open_runtime", "policyd_role", "run_policyd"]
 
@@ -127,25 +127,9 @@ async def _worker(
 
     async def reload() -> None:
         async with reload_lock:
-            try:
-                new = load()
-            except ConfigError as exc:
-                log.error("reload: keeping the running configuration: %s", exc)  # noqa: TRY400
-                return
-            try:
-                pipeline, checks = await build_pipeline(new, runtime.services)
-            except Exception as exc:
-                log.error("reload: keeping the running configuration: checks failed to start: %s", exc)  # noqa: TRY400
-                return
-            old_checks = runtime.checks
-            runtime.service.pipeline = pipeline
-            runtime.checks = checks
-            runtime.config = new
-            server.limits.tempfail = tempfail_reply(new)
-            for check in old_checks:
-                with contextlib.suppress(Exception):
-                    await check.aclose()
-            log.info("reloaded configuration from %s", new.path or "built-in defaults")
+            new = await reload_pipeline(runtime, load, build_pipeline)
+            if new is not None:
+                server.limits.tempfail = tempfail_reply(new)
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -30,12 +30,24 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mxward.shared.config import EX_CONFIG, Config, ConfigError, parse_listen
 from mxward.shared.embedded import EmbeddedServer
 
-__all__ = ["ConfigLoader", "Role", "bind_sockets", "run_worker", "supervise", "usable_cores"]
+if TYPE_CHECKING:
+    from mxward.shared.pipeline import Pipeline
+    from mxward.shared.plugin import Check, Services
+
+__all__ = [
+    "ConfigLoader",
+    "Role",
+    "bind_sockets",
+    "reload_pipeline",
+    "run_worker",
+    "supervise",
+    "usable_cores",
+]
 
 log = logging.getLogger("mxward")
 
@@ -59,6 +71,47 @@ class Role:
     event_loop: str
     grace: float
     socket_mode: str = "0660"
+
+
+class Reloadable(Protocol):
+    """What a worker keeps that a reload swaps: the configuration, the checks, the pipeline."""
+
+    config: Config
+    services: Services
+    checks: list[Check[Any]]
+
+    @property
+    def service(self) -> Any: ...  # has a ``pipeline`` attribute the requests read
+
+
+PipelineBuilder = Callable[[Config, "Services"], Coroutine[Any, Any, "tuple[Pipeline, list[Check[Any]]]"]]
+
+
+async def reload_pipeline(runtime: Reloadable, load: ConfigLoader, build: PipelineBuilder) -> Config | None:
+    """SIGHUP in a worker: read the configuration, start the new checks, swap the pipeline.
+
+    Requests in progress finish with the pipeline they started with. A file with an error, or
+    checks that fail to start, are logged and the running configuration is kept (None).
+    """
+    try:
+        new = load()
+    except ConfigError as exc:
+        log.error("reload: keeping the running configuration: %s", exc)  # noqa: TRY400
+        return None
+    try:
+        pipeline, checks = await build(new, runtime.services)
+    except Exception as exc:
+        log.error("reload: keeping the running configuration: checks failed to start: %s", exc)  # noqa: TRY400
+        return None
+    old = runtime.checks
+    runtime.service.pipeline = pipeline
+    runtime.checks = checks
+    runtime.config = new
+    for check in old:
+        with contextlib.suppress(Exception):
+            await check.aclose()
+    log.info("reloaded configuration from %s", new.path or "built-in defaults")
+    return new
 
 
 def usable_cores() -> int:

@@ -217,3 +217,36 @@ def test_a_check_refusing_its_settings_at_start_stops_mxward_with_78(
     )
     assert done.returncode == 78, (done.returncode, log.read_text())
     assert "configuration error" in log.read_text() and "missing.key" in log.read_text()
+
+
+def test_sighup_reloads_the_filter_checks_and_settings(
+    tmp_path: Path, postfix: Any, redis_server: Any
+) -> None:
+    """A broken file keeps the running configuration; a good one brings new check options
+    (Subject required) and new [filter] settings (reject_action = "tag", subject_prefix)."""
+    import signal
+
+    with filter_lab(tmp_path, postfix, redis_server.url, filter_extra='checks = ["headers"]\n') as lab:
+        text = lab.config.read_text()
+        lab.config.write_text("this is not TOML [")
+        lab.daemon.signal(signal.SIGHUP)
+        lab.daemon.wait_log("SIGHUP: configuration not reloaded")
+        lab.config.write_text(
+            text.replace(
+                'checks = ["headers"]\n',
+                'checks = ["headers"]\nreject_action = "tag"\nsubject_prefix = "[X] "\n',
+            )
+            + '[checks.headers]\nrequired = ["From", "Date", "Subject"]\n'
+        )
+        lab.daemon.signal(signal.SIGHUP)
+        lab.daemon.wait_log("reloaded configuration")
+        message = b"From: <a@sender.example>\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\n\r\nbody\r\n"
+        sent = send_mail(
+            lab.postfix.smtpd_port, mail_from="a@sender.example", rcpt_to=["r@sink.test"], message=message
+        )
+        assert sent.data is not None and sent.data.code == 250
+        delivered = lab.postfix.sink.wait_delivered("r@sink.test", timeout=20)
+        assert delivered.headers("X-Spam-Flag") == ["YES"]
+        assert delivered.headers("Subject") == ["[X]"]
+        line = lab.daemon.wait_log("action=tag")
+        assert "missing:Subject" in line and 'downstream="2.0.0 Ok: queued as' in line
