@@ -397,31 +397,11 @@ async def _dmarc_tags(dns: Resolver, domain: str) -> dict[str, str] | None:
 
 
 async def organizational_domain(dns: Resolver, domain: str) -> str:
-    """The Organizational Domain of ``domain`` by the DNS tree walk of RFC 9989 section 4.10.
+    """The Organizational Domain of ``domain`` by the DNS tree walk of RFC 9989 section 4.10
+    (the dmarc check's own walk); raises :class:`DnsTempError` when DNS fails temporarily."""
+    from mxward.contentfilter.dmarclib import Discovery
 
-    At most five queries; raises :class:`DnsTempError` when one fails temporarily.
-    """
-    labels = domain.lower().rstrip(".").split(".")
-    target = labels
-    found: list[tuple[int, dict[str, str]]] = []  # (label count, tags), longest first
-    first = True
-    while target:
-        tags = await _dmarc_tags(dns, ".".join(target))
-        if tags is not None:
-            psd = tags.get("psd", "").lower()
-            if psd == "n":
-                return ".".join(target)
-            if psd == "y" and not first:
-                return ".".join(labels[-(len(target) + 1) :])
-            found.append((len(target), tags))
-        count = len(target)
-        if count <= 1:
-            break
-        target = target[-4:] if count >= 5 else target[1:]
-        first = False
-    if found:
-        return ".".join(labels[-min(n for n, _ in found) :])
-    return ".".join(labels)
+    return await Discovery(dns).organizational_domain(domain.lower().rstrip("."))
 
 
 async def authorized_destinations(

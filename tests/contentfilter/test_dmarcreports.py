@@ -300,19 +300,26 @@ async def test_organizational_domain_by_tree_walk(
     assert await organizational_domain(services.dns, domain) == organizational
 
 
-async def test_tree_walk_asks_at_most_five_names(services: Services, dns: DnsServer) -> None:
-    """A name with eight labels costs five queries: itself, then from four labels up."""
+async def test_tree_walk_is_the_dmarc_checks_walk(services: Services, dns: DnsServer) -> None:
+    """The destination check walks as the dmarc check does (RFC 9989 section 4.10): a name of
+    eight labels costs eight questions, itself and then from seven labels up."""
+    from mxward.contentfilter.dmarclib import walk_names
+
     await organizational_domain(services.dns, "a.b.c.d.e.f.deep.example")
     asked = sorted(name for name, kind in dns.queries if kind == "TXT")
     assert asked == sorted(
         [
             "_dmarc.a.b.c.d.e.f.deep.example",
+            "_dmarc.b.c.d.e.f.deep.example",
+            "_dmarc.c.d.e.f.deep.example",
+            "_dmarc.d.e.f.deep.example",
             "_dmarc.e.f.deep.example",
             "_dmarc.f.deep.example",
             "_dmarc.deep.example",
             "_dmarc.example",
         ]
     )
+    assert asked == sorted(f"_dmarc.{name}" for name in walk_names("a.b.c.d.e.f.deep.example"))
 
 
 # --------------------------------------------------------------------------------------------
