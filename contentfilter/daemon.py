@@ -38,10 +38,6 @@ __all__ = ["FilterRuntime", "build_filter_pipeline", "filter_role", "open_filter
 log = logging.getLogger("mxward.filter")
 
 
-def hostname(config: Config) -> str:
-    return config.general.hostname or socket.getfqdn()
-
-
 def filter_pipeline_settings(config: Config) -> PipelineSettings:
     f = config.filter
     return PipelineSettings(
@@ -115,7 +111,7 @@ async def open_filter(config: Config, embedded_socket: str | None) -> FilterRunt
         await state.connect()
     except Exception as exc:
         log.warning("state store not reachable at start-up (%s); will keep trying", exc)
-    name = hostname(config)
+    name = config.hostname
     services = Services(
         dns=Resolver(config.dns, clock=clock), state=state, clock=clock, hostname=name, config=config
     )

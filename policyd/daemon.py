@@ -78,10 +78,6 @@ async def build_pipeline(config: Config, services: Services) -> tuple[Pipeline, 
     )
 
 
-def hostname(config: Config) -> str:
-    return config.general.hostname or socket.getfqdn()
-
-
 async def open_runtime(config: Config, embedded_socket: str | None) -> Runtime:
     """Connect the services and build the pipeline (once per worker, after the fork)."""
     clock = SystemClock()
@@ -95,7 +91,7 @@ async def open_runtime(config: Config, embedded_socket: str | None) -> Runtime:
         dns=Resolver(config.dns, clock=clock),
         state=state,
         clock=clock,
-        hostname=hostname(config),
+        hostname=config.hostname,
         config=config,
     )
     pipeline, checks = await build_pipeline(config, services)

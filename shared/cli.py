@@ -124,13 +124,11 @@ async def _services(config: Config) -> AsyncIterator[Any]:
     try:
         await store.connect()
         clock = SystemClock()
-        from mxward.policyd.daemon import hostname
-
         yield Services(
             dns=Resolver(config.dns, clock=clock),
             state=store,
             clock=clock,
-            hostname=hostname(config),
+            hostname=config.hostname,
             config=config,
         )
     finally:

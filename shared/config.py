@@ -24,6 +24,7 @@ import enum
 import math
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -301,6 +302,11 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return Path(self.general.data_dir)
+
+    @property
+    def hostname(self) -> str:
+        """``[mxward] hostname``, else this machine's fully qualified name."""
+        return self.general.hostname or socket.getfqdn()
 
 
 _TOP_TABLES: dict[str, tuple[str, type[Any]]] = {
