@@ -22,6 +22,7 @@ from mxward.contentfilter.quarantine import Quarantine
 from mxward.contentfilter.reinject import Downstream
 from mxward.contentfilter.server import FilterSMTP
 from mxward.contentfilter.service import FilterService
+from mxward.shared.aio import running_loop
 from mxward.shared.clock import SystemClock
 from mxward.shared.config import Config, parse_listen
 from mxward.shared.dns import Resolver
@@ -141,7 +142,7 @@ async def _worker(
     # aiosmtpd logs every command at INFO; our own lines say what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     runtime = await open_filter(config, embedded_socket)
-    loop = asyncio.get_running_loop()
+    loop = running_loop()
     servers = [await loop.create_server(runtime.protocol, sock=sock) for sock in sockets]
     stop = asyncio.Event()
     reload_lock = asyncio.Lock()

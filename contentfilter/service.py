@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mxward.contentfilter.message import Message
+from mxward.shared.aio import running_loop
 from mxward.shared.authresults import AuthResult, build_header, ours
 from mxward.shared.karma import KarmaRules, KarmaStore, Outcome
 from mxward.shared.logs import info_line, kv
@@ -126,7 +127,7 @@ class FilterService:
         A connection closed between transactions loses nothing; one cut in a transaction is
         answered by nobody, so Postfix keeps the mail and retries.
         """
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         until = loop.time() + grace
         while any(c.busy for c in self.connections) and loop.time() < until:  # noqa: ASYNC110 - polls at shutdown only
             await asyncio.sleep(0.05)
@@ -162,7 +163,7 @@ class FilterService:
         tx = self._transaction(message, sender, recipients, xforward, record)
         results: list[Result] = []
         if self.pipeline.has_checks(Stage.CONTENT):
-            deadline = asyncio.get_running_loop().time() + self.settings.deadline
+            deadline = running_loop().time() + self.settings.deadline
             results = await self.pipeline.run((Stage.CONTENT,), tx, deadline)
         elapsed = (time.perf_counter() - started) * 1000.0
         decision = self.pipeline.decide(Stage.CONTENT, results, elapsed_ms=elapsed)
@@ -367,7 +368,7 @@ class FilterService:
     # afterwards
 
     def _after(self, judgement: Judgement) -> None:
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if self.pipeline.has_after_hooks:
             self.background(loop.create_task(self.pipeline.after(judgement.tx, judgement.decision)))
         if self.karma is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from mxward.policyd.protocol import Limits, action_text
 from mxward.policyd.server import PolicyServer, ServerLimits
 from mxward.policyd.service import PolicyService
+from mxward.shared.aio import running_loop
 from mxward.shared.clock import SystemClock
 from mxward.shared.config import Config
 from mxward.shared.dns import Resolver
@@ -117,7 +118,7 @@ async def _worker(
     )
     server = PolicyServer(runtime.service, limits, sockets)
     await server.start()
-    loop = asyncio.get_running_loop()
+    loop = running_loop()
     stop = asyncio.Event()
     reload_lock = asyncio.Lock()
 

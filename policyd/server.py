@@ -32,6 +32,7 @@ from typing import cast
 
 from mxward.policyd.protocol import Limits, ProtocolError, RequestParser, format_reply
 from mxward.policyd.service import PolicyService
+from mxward.shared.aio import running_loop
 from mxward.shared.netutil import NetworkList, parse_ip
 
 __all__ = ["PolicyConnection", "PolicyServer", "ServerLimits"]
@@ -128,7 +129,7 @@ class PolicyConnection(asyncio.Protocol):
         if requests:
             self.queue.extend(requests)
             if self.task is None:
-                self.task = asyncio.get_running_loop().create_task(self._serve())
+                self.task = running_loop().create_task(self._serve())
             elif self.waiter is not None and not self.waiter.done():
                 self.waiter.set_result(None)
 
@@ -136,7 +137,7 @@ class PolicyConnection(asyncio.Protocol):
 
     async def _serve(self) -> None:
         """One task per connection: answers queued requests in order, then waits for more."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         transport = self.transport
         assert transport is not None
         while not self.closing:
@@ -204,7 +205,7 @@ class PolicyServer:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         for sock in self.sockets:
             factory = lambda: PolicyConnection(self)  # noqa: E731 - one factory per listener
             if sock.family == socket.AF_UNIX:

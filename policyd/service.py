@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from mxward.policyd.protocol import STATE_STAGES, action_text
+from mxward.shared.aio import running_loop
 from mxward.shared.logs import decision_line, info_line
 from mxward.shared.msgfacts import MessageFacts
 from mxward.shared.netutil import parse_ip
@@ -122,7 +123,7 @@ class PolicyService:
         """Decide one request; returns the action text, the transaction and the decision."""
         started = time.perf_counter()
         pipeline = self.pipeline
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         deadline = loop.time() + pipeline.settings.deadline
         state = attrs.get("protocol_state", "").upper()
         stage = STATE_STAGES.get(state)
@@ -164,7 +165,7 @@ class PolicyService:
         if self.facts is not None and tx.instance:
             await self._record(tx, decision, text)
         if decision.results and self.pipeline.has_after_hooks:
-            task = asyncio.get_running_loop().create_task(self.pipeline.after(tx, decision))
+            task = running_loop().create_task(self.pipeline.after(tx, decision))
             self.after_tasks.add(task)
             task.add_done_callback(self.after_tasks.discard)
         return text

@@ -35,6 +35,9 @@ Settings (``[dns]``, :class:`DnsSettings`):
                                                    the zone's SOA minimum wins when smaller
     max_ttl       float        86400.0             cap for caching answers
     edns          bool         true                send EDNS0 with a 1232-byte UDP payload
+    reuse_results bool         true                let the pipeline reuse a check's result
+                                                   while the cached answers it came from
+                                                   are valid (see "Reused results")
 
 Errors:
     "No such name" (NXDOMAIN) and "no data" (NODATA) are answers: the typed questions return
@@ -57,6 +60,15 @@ Cache:
     and its answer or error; a waiter that is cancelled does not cancel it for the others.
     :attr:`Resolver.stats` counts queries sent, cache hits (and how many were negative),
     questions that joined a query in flight, and temporary errors.
+
+Reused results:
+    A check whose result follows from the request's values and DNS answers alone (no Redis,
+    no clock, no reloaded file) may name those values (``Check.reuse_key``). The pipeline
+    then asks :meth:`Resolver.watch` for the earliest expiry of the cached answers that the
+    check read while it ran without waiting, and reuses that result for the same values until
+    then: exactly what running the check again on the same cache would give, for a fraction
+    of the cost. A check that waited for the network is not reused (its answers are cached
+    now, so the next run is). ``reuse_results = false`` turns this off.
 """
 
 from __future__ import annotations
@@ -84,6 +96,7 @@ import dns.rdtypes.txtbase
 import dns.resolver
 import dns.rrset
 
+from mxward.shared.aio import running_loop
 from mxward.shared.clock import SystemClock
 from mxward.shared.units import Duration
 
@@ -162,6 +175,7 @@ class DnsSettings:
     negative_ttl: Duration = 300.0
     max_ttl: Duration = 86400.0
     edns: bool = True
+    reuse_results: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.nameservers, str):
@@ -236,16 +250,16 @@ class _TtlCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: _Key, now: float) -> Answer | None:
+    def get(self, key: _Key, now: float) -> tuple[float, Answer] | None:
+        """The entry (expiry, answer) for ``key`` if it has not expired."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        expires, answer = entry
-        if expires <= now:
+        if entry[0] <= now:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return answer
+        return entry
 
     def peek(self, key: _Key, now: float) -> bool:
         entry = self._entries.get(key)
@@ -270,6 +284,8 @@ class Resolver:
         self._cache = _TtlCache(settings.cache_size)
         self._inflight: dict[_Key, asyncio.Task[Answer]] = {}
         self._resolver = _make_dnspython_resolver(settings)
+        # While watching (see watch()): the earliest expiry of the cached answers served.
+        self._earliest: float | None = None
 
     @property
     def nameservers(self) -> tuple[str, ...]:
@@ -364,13 +380,12 @@ class Resolver:
         """
         now = self._clock.monotonic()
         key = _plain_key(name, rdtype)
-        if key is not None:
-            cached = self._cache.get(key, now)
-            if cached is not None:
-                return self._hit(cached)
-        qname, qtype = _question(name, rdtype)
-        cached = self._cache.get(_full_key(qname, qtype), now)
-        return self._hit(cached) if cached is not None else None
+        if key is None:
+            qname, qtype = _question(name, rdtype)
+            key = _full_key(qname, qtype)
+        # A plain name's key is the full key already: one lookup either way.
+        entry = self._cache.get(key, now)
+        return self._hit(entry) if entry is not None else None
 
     def is_cached(self, name: str, rdtype: str) -> bool:
         """Whether :meth:`query` would answer at once (from the cache, or with a DnsError).
@@ -379,16 +394,42 @@ class Resolver:
         instead when all are cached: concurrency costs a task per question, waiting nothing.
         """
         key = _plain_key(name, rdtype)
-        now = self._clock.monotonic()
-        if key is not None and self._cache.peek(key, now):
-            return True
-        try:
-            qname, qtype = _question(name, rdtype)
-        except DnsError:
-            return True
-        return self._cache.peek(_full_key(qname, qtype), now)
+        if key is None:
+            try:
+                qname, qtype = _question(name, rdtype)
+            except DnsError:
+                return True
+            key = _full_key(qname, qtype)
+        return self._cache.peek(key, self._clock.monotonic())
 
-    def _hit(self, answer: Answer) -> Answer:
+    def now(self) -> float:
+        """The resolver clock's ``monotonic()`` time, the time base of cache expiries."""
+        return self._clock.monotonic()
+
+    def watch(self) -> float | None:
+        """Start noting the expiry of cached answers served; returns what to give :meth:`unwatch`.
+
+        The pipeline calls this around a check's first step: when the check finishes without
+        waiting, every answer it read came from the cache, and the earliest of their expiries
+        (see :meth:`unwatch`) bounds how long its result stays the same.
+        """
+        outer = self._earliest
+        self._earliest = math.inf
+        return outer
+
+    def unwatch(self, outer: float | None) -> float:
+        """Stop noting; the earliest expiry (``monotonic()`` time) seen since :meth:`watch`.
+
+        ``inf`` when no cached answer was read. ``outer`` restores a watch that was running.
+        """
+        earliest = self._earliest if self._earliest is not None else math.inf
+        self._earliest = outer if outer is None else min(outer, earliest)
+        return earliest
+
+    def _hit(self, entry: tuple[float, Answer]) -> Answer:
+        expires, answer = entry
+        if self._earliest is not None and expires < self._earliest:
+            self._earliest = expires
         self.stats.cache_hits += 1
         if not answer.records:
             self.stats.negative_hits += 1
@@ -400,17 +441,19 @@ class Resolver:
         key = _plain_key(name, rdtype)
         if key is not None:
             # A cache hit on a plain name costs no dnspython parsing (the common case).
-            cached = self._cache.get(key, now)
-            if cached is not None:
-                return self._hit(cached)
-        qname, qtype = _question(name, rdtype)
-        key = _full_key(qname, qtype)
-        cached = self._cache.get(key, now)
-        if cached is not None:
-            return self._hit(cached)
+            entry = self._cache.get(key, now)
+            if entry is not None:
+                return self._hit(entry)
+            qname, qtype = _question(name, rdtype)
+        else:
+            qname, qtype = _question(name, rdtype)
+            key = _full_key(qname, qtype)
+            entry = self._cache.get(key, now)
+            if entry is not None:
+                return self._hit(entry)
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch(key, qname, qtype))
+            task = running_loop().create_task(self._fetch(key, qname, qtype))
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._forget(key, done))
         else:

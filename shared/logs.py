@@ -18,7 +18,6 @@ next to Postfix's) and ``file:/path`` (reopened when logrotate moves it).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import logging.handlers
@@ -28,6 +27,7 @@ import sys
 import time
 from typing import TextIO
 
+from mxward.shared.aio import running_loop
 from mxward.shared.plugin import Decision, LogValue, Transaction
 
 __all__ = ["LineHandler", "decision_line", "info_line", "kv", "setup_logging"]
@@ -145,7 +145,7 @@ class LineHandler(logging.Handler):
         if self._scheduled:
             return
         try:
-            loop = asyncio.get_running_loop()
+            loop = running_loop()
         except RuntimeError:
             self.flush()
             return

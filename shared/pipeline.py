@@ -17,6 +17,9 @@ Everything checks must not repeat lives here:
   from the configured reject stage on (qpsmtpd's deferred "naughty" rejection), so all reasons
   are collected into one reply. The strongest action wins: REJECT over DEFER over
   DEFER_IF_PERMIT over DUNNO.
+* **Reuse**: a check that names the values its result depends on (``Check.reuse_key``) and
+  finished without waiting, from cached DNS answers, gets that result again for the same values
+  until the first of those answers expires; the check's code does not run again.
 * **Replies**: only the pipeline builds reply text, from ``Result.reason`` (never ``log``); the
   daemon's reply formatter makes it one printable, bounded line.
 """
@@ -29,11 +32,12 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from mxward.shared.dns import DnsError
+from mxward.shared.aio import running_loop
+from mxward.shared.dns import DnsError, Resolver
 from mxward.shared.matchers import AddressList
 from mxward.shared.netutil import NetworkList
 from mxward.shared.plugin import (
@@ -98,9 +102,20 @@ class ActiveCheck:
 class Pipeline:
     """Runs checks by stage and decides. One instance per process, shared by all requests."""
 
-    def __init__(self, checks: Sequence[ActiveCheck], settings: PipelineSettings) -> None:
+    def __init__(
+        self, checks: Sequence[ActiveCheck], settings: PipelineSettings, *, dns: Resolver | None = None
+    ) -> None:
         self.settings = settings
         self.checks = tuple(checks)
+        # Reused results (see Check.reuse_key), per check that offers a key; needs the resolver
+        # to learn when the answers behind a result expire.
+        self._dns = dns
+        self._reuse_size = dns.settings.cache_size if dns is not None else 0
+        self._reuse: dict[str, collections.OrderedDict[Hashable, tuple[float, Result]]] = {
+            c.name: collections.OrderedDict()
+            for c in self.checks
+            if self._reuse_size and type(c.check).reuse_key is not Check.reuse_key
+        }
         self._by_stage: dict[Stage, tuple[ActiveCheck, ...]] = {
             stage: tuple(c for c in self.checks if stage in c.check.stages) for stage in Stage
         }
@@ -208,7 +223,7 @@ class Pipeline:
                 waiting.append((index, started))
         if not waiting:
             return cast("list[Result]", results)
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         others = [(index, loop.create_task(self._complete(started))) for index, started in waiting[1:]]
         try:
             index, started = waiting[0]
@@ -235,9 +250,11 @@ class Pipeline:
         task and no timer. One that waits is finished by :meth:`_complete` under its budget.
         """
         began = time.perf_counter()
-        budget = min(active.timeout, deadline - asyncio.get_running_loop().time())
+        budget = min(active.timeout, deadline - running_loop().time())
         if budget <= 0:
             return self._finish(active, _error(active.name, "deadline"), began)
+        if self._reuse and active.name in self._reuse:
+            return self._start_reusing(active, stage, tx, budget, began)
         coro = active.check.check(stage, tx)
         try:
             waiting = coro.send(None)
@@ -245,6 +262,43 @@ class Pipeline:
             return self._finish(active, cast("Result", done.value), began)
         except Exception as exc:
             return self._finish(active, self._failure(active, exc), began)
+        return _Started(active, coro, waiting, budget, began)
+
+    def _start_reusing(
+        self, active: ActiveCheck, stage: Stage, tx: Transaction, budget: float, began: float
+    ) -> Result | _Started:
+        """:meth:`_start` for a check whose results may be reused."""
+        dns = cast("Resolver", self._dns)
+        reuse = self._reuse[active.name]
+        try:
+            values = active.check.reuse_key(stage, tx)
+        except Exception as exc:
+            return self._finish(active, self._failure(active, exc), began)
+        key = None if values is None else (stage, values)
+        now = dns.now()
+        if key is not None:
+            kept = reuse.get(key)
+            if kept is not None:
+                if kept[0] > now:
+                    reuse.move_to_end(key)
+                    return self._finish(active, _again(kept[1]), began)
+                del reuse[key]
+        outer = dns.watch()
+        coro = active.check.check(stage, tx)
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            result = cast("Result", done.value)
+            expires = dns.unwatch(outer)
+            if key is not None and result.verdict is not Verdict.ERROR and expires > now:
+                reuse[key] = (min(expires, now + dns.settings.max_ttl), _again(result))
+                if len(reuse) > self._reuse_size:
+                    reuse.popitem(last=False)
+            return self._finish(active, result, began)
+        except Exception as exc:
+            dns.unwatch(outer)
+            return self._finish(active, self._failure(active, exc), began)
+        dns.unwatch(outer)
         return _Started(active, coro, waiting, budget, began)
 
     async def _complete(self, started: _Started) -> Result:
@@ -372,7 +426,8 @@ async def start_pipeline(
                     observe=cfg.common.mode == "observe",
                 )
             )
-        return Pipeline(active, settings), started
+        dns = services.dns if services.dns.settings.reuse_results else None
+        return Pipeline(active, settings, dns=dns), started
     except BaseException:
         for check in started:
             with contextlib.suppress(Exception):
@@ -427,6 +482,21 @@ def _facts(results: Iterable[Result]) -> dict[str, LogValue]:
         if result.facts:
             out.update(result.facts)
     return out
+
+
+def _again(result: Result) -> Result:
+    """A copy of ``result`` for another request (the pipeline stamps each copy's time)."""
+    return Result(
+        check=result.check,
+        verdict=result.verdict,
+        score=result.score,
+        reason=result.reason,
+        log=result.log,
+        facts=result.facts,
+        action=result.action,
+        header=result.header,
+        auth=result.auth,
+    )
 
 
 def _error(name: str, what: str) -> Result:

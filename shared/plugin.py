@@ -15,7 +15,7 @@ import abc
 import dataclasses
 import enum
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -272,6 +272,17 @@ class Check(abc.ABC, Generic[OptionsT]):
     @abc.abstractmethod
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         """Examine the transaction at ``stage`` and report."""
+
+    def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
+        """The request values this check's result depends on, for reuse; None: never reused.
+
+        Only for a check whose result at ``stage`` follows from these values, its options and
+        DNS answers alone: nothing from Redis, no clock, no file reloaded while running. The
+        pipeline then keeps a result that the check computed without waiting (every DNS
+        answer from the cache) and gives it again for the same key until the first of those
+        answers expires (see ``Reused results`` in :mod:`mxward.shared.dns`).
+        """
+        return None
 
     async def after(self, tx: Transaction, decision: Decision) -> None:
         """Bookkeeping once the decision is known (runs after the reply is sent)."""

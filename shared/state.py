@@ -124,6 +124,7 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from mxward.shared.aio import running_loop
 from mxward.shared.clock import Clock, SystemClock
 from mxward.shared.units import Duration
 
@@ -671,7 +672,7 @@ class _AutoPipeline:
         self._breaker = breaker
         self._timeout = timeout
         self._connect_budget = connect_timeout + timeout
-        self._loop = asyncio.get_running_loop()
+        self._loop = running_loop()
         self._queue: list[_Call] = []
         self._since = 0.0  # loop time of the oldest queued call
         self._wakeup: asyncio.Future[None] | None = None

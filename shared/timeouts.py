@@ -20,6 +20,8 @@ import itertools
 from types import TracebackType
 from typing import ClassVar, Self
 
+from mxward.shared.aio import current_task, running_loop
+
 __all__ = ["Watchdog"]
 
 
@@ -36,7 +38,7 @@ class _Budget:
         self._seconds = seconds  # its length: budgets of one length share a FIFO queue
 
     async def __aenter__(self) -> Self:
-        task = asyncio.current_task()
+        task = current_task()
         if task is None:
             raise RuntimeError("a time budget needs a running task")
         self._task = task
@@ -82,7 +84,7 @@ class Watchdog:
 
     def budget(self, seconds: float) -> _Budget:
         """``async with watchdog.budget(2.0): ...`` - like ``asyncio.timeout(2.0)``."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if loop is not self._loop:  # first use, or a new event loop (tests, one-shot commands)
             self._loop = loop
             self._queues = {}

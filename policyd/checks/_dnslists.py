@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Generic, Literal, Protocol, TypeVar
 
+from mxward.shared.aio import running_loop
 from mxward.shared.dns import Answer, DnsError, DnsTempError, Resolver
 from mxward.shared.plugin import Action, Check, LogValue, Result, Verdict
 
@@ -285,8 +286,10 @@ async def ask(resolver: Resolver, name: str, *, budget: float, want_txt: bool) -
     error; a TXT question that fails leaves the listing without its text.
     """
     # Answers already cached need no timer (a timer per question costs more than the answer).
-    cached = resolver.is_cached(name, "A") and (not want_txt or resolver.is_cached(name, "TXT"))
-    deadline = None if cached else asyncio.get_running_loop().time() + budget
+    # The TXT question is only asked for a listed name, so only then is its cache looked at.
+    loop = running_loop()
+    start = loop.time()
+    deadline = None if resolver.is_cached(name, "A") else start + budget
     try:
         records = (await _within(deadline, resolver.query(name, "A"))).records
     except TimeoutError:
@@ -297,6 +300,10 @@ async def ask(resolver: Resolver, name: str, *, budget: float, want_txt: bool) -
         return ListAnswer(error="invalid-name")
     if not (records and want_txt):
         return ListAnswer(records=records)
+    if resolver.is_cached(name, "TXT"):
+        deadline = None
+    elif deadline is None:
+        deadline = start + budget
     try:
         texts = (await _within(deadline, resolver.query(name, "TXT"))).records
     except (TimeoutError, DnsError):
@@ -516,6 +523,9 @@ class ZoneHealth:
         self.timeout = timeout
         self._resolver = resolver
         self._state: dict[tuple[str, str], Health] = {}
+        # Counts changes of state: part of the checks' reuse keys, so that a result computed
+        # while a zone was usable is not reused once it is found broken (or the other way).
+        self.changes = 0
         self._task: asyncio.Task[None] | None = None
         self._log = logging.getLogger(f"mxward.checks.{check}")
 
@@ -543,6 +553,7 @@ class ZoneHealth:
         self._state[key] = health
         if health == before:
             return
+        self.changes += 1
         if health == "broken":
             self._log.warning(
                 "check=%s zone=%s family=%s health=broken: the zone %s; its answers are ignored"
@@ -570,7 +581,7 @@ class ZoneHealth:
     def start(self) -> None:
         """Probe now and then every ``interval``, in a background task."""
         if self._task is None and self.probes:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = running_loop().create_task(self._run())
 
     async def aclose(self) -> None:
         """Stop probing."""

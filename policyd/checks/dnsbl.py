@@ -88,6 +88,7 @@ RFCs: RFC 5782 (DNS blacklists and whitelists: query format, IPv6 nibbles, test 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -174,6 +175,10 @@ class DnsblCheck(ListCheck[Options]):
             # start-up fails if dnswl is not listed before it).
             self.needs = ("dnswl.trusted",)
         self.watch(ip_zone_probes(self._entries))
+
+    def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
+        trusted = bool(tx.facts.get("dnswl.trusted")) if self.options.skip_if_dnswl else False
+        return (tx.client_ip, trusted, self.health.changes)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         ip = tx.client_ip

@@ -71,6 +71,7 @@ RFCs: RFC 5782 (DNS blacklists and whitelists).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -145,6 +146,9 @@ class DnswlCheck(ListCheck[Options]):
             "dnswl.level": level,
             "dnswl.trusted": level >= self.options.trusted_level,
         }
+
+    def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
+        return (tx.client_ip, self.health.changes)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         ip = tx.client_ip

@@ -94,6 +94,7 @@ from __future__ import annotations
 import asyncio
 import re
 import string
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -192,6 +193,10 @@ class FcrdnsCheck(Check[Options]):
             "permerror": options.score_permerror,
         }
         self._reject = frozenset(options.reject)
+
+    def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
+        postfix = (tx.client_name, tx.reverse_client_name) if "client_name" in tx.attrs else None
+        return (tx.client_ip, postfix)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         ip = tx.client_ip

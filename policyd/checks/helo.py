@@ -122,6 +122,7 @@ import asyncio
 import ipaddress
 import re
 import string
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -332,6 +333,9 @@ class HeloCheck(Check[Options]):
         self._loopback = NetworkList(options.loopback_clients)
         self._forward_wanted = bool(self._tests & {"no_forward_dns", "no_matching_dns"})
         self._reverse_wanted = bool(self._tests & {"no_reverse_dns", "no_matching_dns"})
+
+    def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
+        return (tx.client_ip, tx.helo, tx.attrs.get("server_address", ""))
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         ip = tx.client_ip

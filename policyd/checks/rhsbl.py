@@ -84,6 +84,7 @@ RFCs: RFC 5782 section 2.3 (domain name lists) and section 5 (test entries).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -235,6 +236,9 @@ class RhsblCheck(ListCheck[Options]):
                 if domain and len(question.qname) <= 253:
                     questions.append(question)
         return questions, ",".join(dict.fromkeys(ignored))
+
+    def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
+        return (tx.sender, tx.helo, tx.client_name, tx.client_address, self.health.changes)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         if not self._entries:

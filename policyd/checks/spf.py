@@ -117,12 +117,13 @@ import math
 import re
 import string
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal
 
 import spf  # type: ignore[import-untyped]
 
+from mxward.shared.aio import running_loop
 from mxward.shared.dns import Answer, DnsError, DnsTempError, Resolver
 from mxward.shared.matchers import DomainList
 from mxward.shared.netutil import NetworkList
@@ -518,7 +519,7 @@ class SpfCheck(Check[Options]):
         FROM; the allowing domain is the ``allow_domains`` entry the client passed, if any
         (then the evaluation is that domain's pass and nothing else was checked).
         """
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         deadline = loop.time() + self.options.lookup_time
         lookups = _Lookups(self.services.dns)
         for passes in range(1, _MAX_PASSES + 1):
@@ -546,6 +547,9 @@ class SpfCheck(Check[Options]):
                 except TimeoutError:
                     lookups.give_up(f"no answer in time (lookup_time {self.options.lookup_time:g}s)")
         return evaluation, work.helo_result, work.allowed_by
+
+    def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
+        return (tx.client_ip, tx.sender, tx.helo)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         if tx.client_ip is None:
