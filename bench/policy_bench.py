@@ -407,6 +407,7 @@ url = "unix://{workdir}/redis.sock"
 
 [dns]
 nameservers = ["{nameserver}"]
+reuse_results = {reuse}
 
 [policyd]
 listen = ["127.0.0.1:{port}"]
@@ -452,6 +453,7 @@ def mxward_config(
         port=port,
         workers=args.workers,
         nameserver=nameserver,
+        reuse="false" if args.no_reuse else "true",
         checks=", ".join(f'"{name}"' for name in checks),
     )
     return head + check_tables(Path(args.checks_config).read_text(encoding="utf-8"), checks)
@@ -912,6 +914,7 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
         "redis-server": command_output([args.redis_server, "--version"]),
         "mxward commit": commit,
         "mxward full pipeline": f"checks = {list(args.full_checks)}, settings from {args.checks_config}",
+        "mxward reuse_results": "false" if args.no_reuse else "true",
         "generator": (
             f"-c {args.connections} -d {args.duration:g} -w {args.warmup:g} --repeat {args.runs} "
             f"--pause {args.pause:g}; known pool {args.pool_size}"
@@ -923,6 +926,8 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
         del env["spf-engine"]
     if ("full", "mxward") not in args.plan:
         del env["mxward full pipeline"]
+    if not dns_workloads:
+        del env["mxward reuse_results"]
     if dns_workloads:
         env["generator"] += f"; spf/full: the same pool, -w {max(args.warmup, DNS_WARMUP):g}"
         env["DNS"] = f"bench/fake_dns.py with {args.zone} and the generated pool data"
@@ -1032,6 +1037,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="mxward policyd workers (0: mxward's default, one per core it may run on: 1 when pinned)",
+    )
+    parser.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="spf and full workloads: [dns] reuse_results = false (every check runs every time)",
     )
     parser.add_argument(
         "--full-checks",

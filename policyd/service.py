@@ -165,9 +165,11 @@ class PolicyService:
         if self.facts is not None and tx.instance:
             await self._record(tx, decision, text)
         if decision.results and self.pipeline.has_after_hooks:
-            task = running_loop().create_task(self.pipeline.after(tx, decision))
-            self.after_tasks.add(task)
-            task.add_done_callback(self.after_tasks.discard)
+            rest = self.pipeline.start_after(tx, decision)
+            if rest is not None:
+                task = running_loop().create_task(rest)
+                self.after_tasks.add(task)
+                task.add_done_callback(self.after_tasks.discard)
         return text
 
     async def _record(self, tx: Transaction, decision: Decision, text: str) -> None:

@@ -66,17 +66,18 @@ def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:
     parts = []
     forced = decision.action
     for r in decision.results:
-        notes = []
-        if r.observed:
-            notes.append("observe")
-        elif r.action is not None and r.action is forced:
-            notes.append("forced")
+        extra = f"{r.elapsed_ms:.1f}ms"
         if r.score:
-            notes.append(f"{r.score:+g}")
-        notes.append(f"{r.elapsed_ms:.1f}ms")
-        extra = ",".join(notes)
-        detail = " ".join(f"{k}={v}" for k, v in r.log.items()) if r.log else ""
-        parts.append(f"{r.check}:{r.verdict.value}({extra})" + (f"[{detail}]" if detail else ""))
+            extra = f"{r.score:+g},{extra}"
+        if r.observed:
+            extra = "observe," + extra
+        elif r.action is not None and r.action is forced:
+            extra = "forced," + extra
+        # (_value_ is the Enum's plain attribute; .value is a slower property)
+        part = f"{r.check}:{r.verdict._value_}({extra})"
+        if r.log:
+            part += "[" + " ".join([f"{k}={v}" for k, v in r.log.items()]) + "]"
+        parts.append(part)
     action_word = action_text.split(" ", 1)[0]
     return (
         f"decision instance={kv(tx.instance)} queue={kv(tx.queue_id)}"

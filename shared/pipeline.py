@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Coroutine, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from mxward.shared.aio import running_loop
 from mxward.shared.dns import DnsError, Resolver
@@ -65,6 +65,8 @@ __all__ = ["EARLY_STAGES", "ActiveCheck", "Pipeline", "PipelineSettings", "start
 EARLY_STAGES = (Stage.CONNECT, Stage.HELO, Stage.MAIL)
 
 log = logging.getLogger("mxward.pipeline")
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -389,17 +391,42 @@ class Pipeline:
 
     async def after(self, tx: Transaction, decision: Decision) -> None:
         """Run every check's bookkeeping hook; failures are logged, never raised."""
-        names = {r.check for r in decision.results}
+        rest = self.start_after(tx, decision)
+        if rest is not None:
+            await rest
+
+    def start_after(self, tx: Transaction, decision: Decision) -> Coroutine[Any, Any, None] | None:
+        """Take each bookkeeping hook's first step now; what finishes those that wait, or None.
+
+        Most hooks find nothing to book and return at once: they cost no task. The hooks that
+        wait (a Redis write) are finished by the returned coroutine, each under its budget.
+        """
+        waiting: list[tuple[ActiveCheck, Coroutine[Any, Any, None], object]] = []
+        results = decision.results
         for active in self._with_after:
-            if active.name not in names:
+            name = active.name
+            if not any(r.check == name for r in results):
                 continue
+            coro = active.check.after(tx, decision)
+            try:
+                waiting.append((active, coro, coro.send(None)))
+            except StopIteration:
+                continue
+            except Exception as exc:
+                _after_failed(active, exc)
+        return self._finish_after(waiting) if waiting else None
+
+    async def _finish_after(
+        self, waiting: list[tuple[ActiveCheck, Coroutine[Any, Any, None], object]]
+    ) -> None:
+        for active, coro, first in waiting:
             try:
                 async with self._watchdog.budget(active.timeout):
-                    await active.check.after(tx, decision)
+                    await _resume(coro, first)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("check=%s after-hook failed: %s: %s", active.name, type(exc).__name__, exc)
+                _after_failed(active, exc)
 
 
 async def start_pipeline(
@@ -446,7 +473,7 @@ class _Started:
     began: float
 
 
-async def _resume(coro: Coroutine[Any, Any, Result], waiting: object) -> Result:
+async def _resume(coro: Coroutine[Any, Any, _T], waiting: object) -> _T:
     """Drive ``coro``, which has just yielded ``waiting``, to its end in the current task.
 
     What a Task does for its coroutine: wait for the future it yielded (``None`` means "let
@@ -468,12 +495,12 @@ async def _resume(coro: Coroutine[Any, Any, Result], waiting: object) -> Result:
             try:
                 waiting = coro.throw(exc)
             except StopIteration as done:
-                return cast("Result", done.value)
+                return cast("_T", done.value)
         else:
             try:
                 waiting = coro.send(None)
             except StopIteration as done:
-                return cast("Result", done.value)
+                return cast("_T", done.value)
 
 
 def _facts(results: Iterable[Result]) -> dict[str, LogValue]:
@@ -482,6 +509,10 @@ def _facts(results: Iterable[Result]) -> dict[str, LogValue]:
         if result.facts:
             out.update(result.facts)
     return out
+
+
+def _after_failed(active: ActiveCheck, exc: Exception) -> None:
+    log.warning("check=%s after-hook failed: %s: %s", active.name, type(exc).__name__, exc)
 
 
 def _again(result: Result) -> Result:

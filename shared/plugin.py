@@ -62,6 +62,10 @@ class Stage(enum.Enum):
     END_OF_MESSAGE = "end-of-message"
     CONTENT = "content"
 
+    # Members are singletons compared by identity: hash them by identity too (Enum's own
+    # __hash__ is Python code, and stages are dictionary keys on every request).
+    __hash__ = object.__hash__
+
     @property
     def order(self) -> int:
         return _STAGE_ORDER[self]
@@ -86,6 +90,8 @@ class Verdict(enum.Enum):
     FAIL = "fail"
     SKIP = "skip"
     ERROR = "error"
+
+    __hash__ = object.__hash__  # as Stage's
 
 
 class ActionKind(enum.IntEnum):
@@ -285,7 +291,11 @@ class Check(abc.ABC, Generic[OptionsT]):
         return None
 
     async def after(self, tx: Transaction, decision: Decision) -> None:
-        """Bookkeeping once the decision is known (runs after the reply is sent)."""
+        """Bookkeeping once the decision is known.
+
+        Its first step runs as soon as the decision is made; whatever it then waits for (a
+        Redis write) finishes after the reply is sent, under the check's ``timeout``.
+        """
 
     async def outgoing(self, tx: Transaction, message: bytes) -> tuple[str, ...]:
         """Header fields to add on top of a message the content filter is about to deliver.

@@ -178,7 +178,7 @@ class DnsblCheck(ListCheck[Options]):
 
     def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
         trusted = bool(tx.facts.get("dnswl.trusted")) if self.options.skip_if_dnswl else False
-        return (tx.client_ip, trusted, self.health.changes)
+        return (tx.client_address, trusted, self.health.changes)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         ip = tx.client_ip

@@ -148,7 +148,7 @@ class DnswlCheck(ListCheck[Options]):
         }
 
     def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
-        return (tx.client_ip, self.health.changes)
+        return (tx.client_address, self.health.changes)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         ip = tx.client_ip

@@ -196,7 +196,7 @@ class FcrdnsCheck(Check[Options]):
 
     def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
         postfix = (tx.client_name, tx.reverse_client_name) if "client_name" in tx.attrs else None
-        return (tx.client_ip, postfix)
+        return (tx.client_address, postfix)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         ip = tx.client_ip

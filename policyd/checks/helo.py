@@ -335,7 +335,7 @@ class HeloCheck(Check[Options]):
         self._reverse_wanted = bool(self._tests & {"no_reverse_dns", "no_matching_dns"})
 
     def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
-        return (tx.client_ip, tx.helo, tx.attrs.get("server_address", ""))
+        return (tx.client_address, tx.helo, tx.attrs.get("server_address", ""))
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         ip = tx.client_ip

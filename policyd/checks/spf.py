@@ -549,7 +549,7 @@ class SpfCheck(Check[Options]):
         return evaluation, work.helo_result, work.allowed_by
 
     def reuse_key(self, stage: Stage, tx: Transaction) -> Hashable | None:
-        return (tx.client_ip, tx.sender, tx.helo)
+        return (tx.client_address, tx.sender, tx.helo)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         if tx.client_ip is None:
