@@ -3,10 +3,10 @@
 On CPython 3.11, every ``asyncio.get_running_loop()`` (and every call that uses it:
 ``asyncio.current_task()``, ``asyncio.timeout()``, ``asyncio.gather()``) asks the kernel for the
 process id, to notice a loop inherited across ``fork()``. A policy request made about a dozen
-such calls; on a virtual machine the system calls were a fifth of a worker's CPU time.
-:func:`running_loop` remembers the loop per thread instead, forgets it in a forked child
-(``os.register_at_fork``) and asks asyncio again whenever the remembered loop is not running.
-Python 3.12 no longer makes the system call; this stays correct there.
+such calls (about 0.2 µs each on the development VM). :func:`running_loop` remembers the loop
+per thread instead, forgets it in a forked child (``os.register_at_fork``) and asks asyncio
+again whenever the remembered loop is not running. Python 3.12 no longer makes the system
+call; this stays correct there.
 """
 
 from __future__ import annotations
