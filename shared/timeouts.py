@@ -38,6 +38,16 @@ class _Budget:
         self._seconds = seconds  # its length: budgets of one length share a FIFO queue
 
     async def __aenter__(self) -> Self:
+        return self.enter()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.leave() and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc
+
+    def enter(self) -> Self:
+        """Start the budget for the current task (what ``async with`` does, without awaiting)."""
         task = current_task()
         if task is None:
             raise RuntimeError("a time budget needs a running task")
@@ -46,16 +56,15 @@ class _Budget:
         self._watchdog._add(self)  # noqa: SLF001
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def leave(self) -> bool:
+        """End the budget; True if it ran out (a CancelledError from the block is then ours).
+
+        An expired budget always takes its cancellation back (uncancel), whatever the block
+        raised; only the CancelledError it caused becomes TimeoutError.
+        """
         self._done = True
-        # An expired budget always takes its cancellation back (uncancel), whatever the block
-        # raised; only the CancelledError it caused becomes TimeoutError.
         task = self._task
-        expired = self._expired and task is not None and task.uncancel() <= self._cancelling
-        if expired and exc_type is asyncio.CancelledError:
-            raise TimeoutError from exc
+        return self._expired and task is not None and task.uncancel() <= self._cancelling
 
     def _expire(self) -> None:
         if not self._done and self._task is not None:
