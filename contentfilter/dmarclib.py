@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from publicsuffixlist import PublicSuffixList
 
 from mxward.shared.dns import DnsError, DnsTempError
+from mxward.shared.headers import comment_end
 
 if TYPE_CHECKING:
     from mxward.shared.dns import Resolver
@@ -334,17 +335,8 @@ def _from_tokens(text: str) -> list[_Token]:
         if char in _WSP:
             pos += 1
         elif char == "(":
-            depth = 0
-            while pos < end:
-                char = text[pos]
-                if char == "\\":
-                    pos += 2
-                    continue
-                depth += (char == "(") - (char == ")")
-                pos += 1
-                if depth == 0:
-                    break
-            if depth:
+            pos = comment_end(text, pos)
+            if pos < 0:
                 raise _FromError("unclosed comment")
         elif char == '"':
             pos += 1

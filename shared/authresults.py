@@ -46,6 +46,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from mxward.shared.headers import comment_end
+
 __all__ = [
     "FIELD_NAME",
     "MAX_VALUE",
@@ -253,22 +255,9 @@ def _skip_cfws(text: str, pos: int) -> int | None:
         if char in " \t\r\n":
             pos += 1
         elif char == "(":
-            depth = 0
-            while pos < end:
-                char = text[pos]
-                if char == "\\":
-                    pos += 2
-                    continue
-                if char == "(":
-                    depth += 1
-                elif char == ")":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                pos += 1
-            if pos >= end:
+            pos = comment_end(text, pos)
+            if pos < 0:
                 return None
-            pos += 1
         else:
             break
     return pos

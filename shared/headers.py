@@ -1,4 +1,5 @@
-"""Header fields built from values a client or a database supplied: one safe line each."""
+"""Header fields: built from values a client or a database supplied (one safe line each), and
+the one piece of RFC 5322 lexing every header parser needs (comments)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterable
 
 from mxward.shared.plugin import LogValue
 
-__all__ = ["header_params"]
+__all__ = ["comment_end", "header_params"]
 
 _TOKEN = re.compile(r"[A-Za-z0-9.\-_:/+]+")
 _HEADER_DROP = re.compile(r'[\x00-\x1f\x7f";\\]')
@@ -31,3 +32,25 @@ def header_params(name: str, fields: Iterable[tuple[str, LogValue]]) -> str:
             continue
         parts.append(f"{key}={text}" if _TOKEN.fullmatch(text) else f'{key}="{text}"')
     return f"{name}: {'; '.join(parts)}" if parts else ""
+
+
+def comment_end(text: str, pos: int) -> int:
+    """Where the comment opening at ``text[pos]`` (a "(") ends: the index after its ")", or -1.
+
+    RFC 5322 section 3.2.2: comments nest, and a backslash quotes the character after it.
+    """
+    depth = 0
+    end = len(text)
+    while pos < end:
+        char = text[pos]
+        if char == "\\":
+            pos += 2
+            continue
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return pos + 1
+        pos += 1
+    return -1

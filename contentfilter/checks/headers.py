@@ -111,6 +111,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from mxward.shared.headers import comment_end
 from mxward.shared.plugin import (
     Action,
     Check,
@@ -457,25 +458,20 @@ def _strip_comments(text: str) -> str | None:
     if "(" not in text and ")" not in text:
         return text
     out: list[str] = []
-    depth = 0
     pos = 0
     while pos < len(text):
         char = text[pos]
-        if depth and char == "\\":
-            pos += 2
-            continue
         if char == "(":
-            depth += 1
-            if depth == 1:
-                out.append(" ")
-        elif char == ")":
-            if depth == 0:
+            pos = comment_end(text, pos)
+            if pos < 0:
                 return None
-            depth -= 1
-        elif depth == 0:
+            out.append(" ")
+        elif char == ")":
+            return None
+        else:
             out.append(char)
-        pos += 1
-    return None if depth else "".join(out)
+            pos += 1
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,24 +512,12 @@ def _tokenize(text: str) -> list[_Token]:
         if char in _WSP:
             pos += 1
         elif char == "(":
-            depth = 0
-            while pos < end:
-                char = text[pos]
-                if _is_control(char):
-                    raise _SyntaxError("control character in a comment")
-                if char == "\\":
-                    pos += 2
-                    continue
-                if char == "(":
-                    depth += 1
-                elif char == ")":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                pos += 1
-            if pos >= end:
+            close = comment_end(text, pos)
+            if any(_is_control(c) for c in text[pos : close if close >= 0 else end]):
+                raise _SyntaxError("control character in a comment")
+            if close < 0:
                 raise _SyntaxError("unclosed comment")
-            pos += 1
+            pos = close
         elif char == '"':
             pos += 1
             start = pos
