@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from mxward.shared.config import EX_CONFIG, Config, ConfigError, config_path, load_config, parse_listen
-from mxward.shared.plugin import Check, load_check_class
+from mxward.shared.plugin import Check, Result, load_check_class
 
 __all__ = ["main"]
 
@@ -191,15 +191,7 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
                     if decision.exempt:
                         print(f"  exempt ({decision.exempt}): no check runs")
                     for r in decision.results:
-                        mode = " observe" if r.observed else ""
-                        forced = f" forces {r.action.kind.name}" if r.action and not r.observed else ""
-                        details = " ".join(f"{k}={kv(v)}" for k, v in r.log.items())
-                        print(
-                            f"  {r.check:<12} {r.verdict.value:<5} score={r.score:g}{mode}{forced}"
-                            f" {r.elapsed_ms:.1f}ms {details}".rstrip()
-                        )
-                        if r.reason:
-                            print(f"  {'':<12} reason: {r.reason}")
+                        _print_result(r)
                         for fact, value in r.facts.items():
                             print(f"  {'':<12} fact {fact}={kv(value)}")
                     print(f"  total score {decision.score:g}, decided at stage {decision.stage.value}")
@@ -213,12 +205,26 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _print_result(r: Result) -> None:
+    """One check's line of a ``mxward check`` trace, and its reason."""
+    from mxward.shared.logs import kv
+
+    mode = " observe" if r.observed else ""
+    forced = f" forces {r.action.kind.name}" if r.action and not r.observed else ""
+    details = " ".join(f"{k}={kv(v)}" for k, v in r.log.items())
+    print(
+        f"  {r.check:<12} {r.verdict.value:<5} score={r.score:g}{mode}{forced}"
+        f" {r.elapsed_ms:.1f}ms {details}".rstrip()
+    )
+    if r.reason:
+        print(f"  {'':<12} reason: {r.reason}")
+
+
 def _check_message(args: argparse.Namespace, config: Config) -> int:
     """``mxward check message.eml``: the content checks on a message file, offline."""
     from mxward.contentfilter.daemon import build_filter_pipeline, karma_rules
     from mxward.contentfilter.message import Message
     from mxward.contentfilter.service import FilterService
-    from mxward.shared.logs import kv
     from mxward.shared.msgfacts import MessageFacts
 
     try:
@@ -262,15 +268,7 @@ def _check_message(args: argparse.Namespace, config: Config) -> int:
                 if args.queue_id:
                     print(f"  policyd facts for queue id {args.queue_id}: {judgement.policy}")
                 for r in decision.results:
-                    mode = " observe" if r.observed else ""
-                    forced = f" forces {r.action.kind.name}" if r.action and not r.observed else ""
-                    details = " ".join(f"{k}={kv(v)}" for k, v in r.log.items())
-                    print(
-                        f"  {r.check:<12} {r.verdict.value:<5} score={r.score:g}{mode}{forced}"
-                        f" {r.elapsed_ms:.1f}ms {details}".rstrip()
-                    )
-                    if r.reason:
-                        print(f"  {'':<12} reason: {r.reason}")
+                    _print_result(r)
                 print(
                     f"  total score {decision.score:g} (tag at {config.filter.tag_score:g},"
                     f" reject at {config.filter.reject_score:g})"
