@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.crypto import UnparsableKeyError, parse_public_key  # type: ignore[import-untyped]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
 
-from mxward.shared.dns import DnsError, DnsTempError
+from mxward.shared.dns import DnsError, DnsTempError, normalize_domain
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -160,14 +160,8 @@ class PrivateKey:
 
 def domain_name(text: str) -> str:
     """``text`` as a signing domain: lower case, A-labels, no final dot; ValueError if it is none."""
-    name = text.strip().lower().removesuffix(".")
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise ValueError(f"{text!r} is not a domain name") from None
-    labels = name.split(".")
-    if len(name) > 253 or len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
+    name = normalize_domain(text)
+    if name is None or "." not in name:
         raise ValueError(f"{text!r} is not a domain name")
     return name
 

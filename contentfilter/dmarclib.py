@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from publicsuffixlist import PublicSuffixList
 
-from mxward.shared.dns import DnsError, DnsTempError
+from mxward.shared.dns import DnsError, DnsTempError, normalize_domain
 from mxward.shared.headers import comment_end
 
 if TYPE_CHECKING:
@@ -273,39 +273,6 @@ def lower_policy(policy: Policy) -> Policy:
 
 # ---------------------------------------------------------------------------------------------
 # Domains
-
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-
-
-def normalize_domain(text: str) -> str | None:
-    """``text`` as a DNS name in lower-case A-labels without a trailing dot, or None."""
-    name = text.strip().removesuffix(".")
-    if not name or len(name) > 1000:
-        return None
-    if not name.isascii():
-        name = _to_ascii(name) or ""
-    name = name.lower()
-    if not name or len(name) > 253:
-        return None
-    labels = name.split(".")
-    if not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
-        return None
-    return name
-
-
-def _to_ascii(name: str) -> str | None:
-    """A-labels of a name with U-labels: IDNA2008 (UTS 46 mapping) if ``idna`` is installed."""
-    try:
-        import idna
-    except ImportError:
-        try:
-            return name.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    try:
-        return idna.encode(name, uts46=True).decode("ascii")
-    except (idna.IDNAError, UnicodeError):
-        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,7 +129,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote
 
 from mxward.shared.authresults import AuthResult, build_header
-from mxward.shared.dns import DnsTempError
+from mxward.shared.dns import DnsTempError, normalize_domain
 from mxward.shared.state import Script, StateError, StateStore
 from mxward.shared.units import Duration, format_duration
 
@@ -185,7 +185,6 @@ _OVERRIDES: Mapping[str, tuple[str, str]] = {
     "sampled_out": ("other", "sampled out (pct)"),
 }
 _OVERRIDE_TYPES = ("local_policy", "mailing_list", "other", "policy_test_mode", "trusted_forwarder")
-_DOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_](?:[a-z0-9_-]{0,62}))*")
 _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
 _SIZE = re.compile(r"(\d{1,12})([kmgt]?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -285,17 +284,7 @@ class ReportSettings:
 
 def _domain(text: object) -> str | None:
     """A domain name in lower case ASCII (A-labels), without a final dot; None if it is none."""
-    if not isinstance(text, str):
-        return None
-    name = text.strip().rstrip(".").lower()
-    if not name or len(name) > 253:
-        return None
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    return name if _DOMAIN.fullmatch(name) else None
+    return normalize_domain(text) if isinstance(text, str) else None
 
 
 def _split_address(address: str) -> tuple[str, str] | None:

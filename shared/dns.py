@@ -110,6 +110,7 @@ __all__ = [
     "DnsTempError",
     "Resolver",
     "ResolverStats",
+    "normalize_domain",
     "parse_nameserver",
 ]
 
@@ -513,6 +514,45 @@ class Resolver:
                     ttl = min(ttl, rrset.ttl, getattr(rrset[0], "minimum", rrset.ttl))
                     break
         return float(ttl)
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def normalize_domain(text: str) -> str | None:
+    """``text`` as a DNS name in lower-case A-labels without a trailing dot, or None.
+
+    Labels of letters, digits, "-" and "_" (not at a label's ends), at most 253 characters,
+    and no all-numeric top label (that would be an address). What the checks compare domains
+    by (SPF, DMARC, DKIM signing domains, report destinations).
+    """
+    name = text.strip().removesuffix(".")
+    if not name or len(name) > 1000:
+        return None
+    if not name.isascii():
+        name = _to_ascii(name) or ""
+    name = name.lower()
+    if not name or len(name) > 253:
+        return None
+    labels = name.split(".")
+    if not all(_DNS_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        return None
+    return name
+
+
+def _to_ascii(name: str) -> str | None:
+    """A-labels of a name with U-labels: IDNA2008 (UTS 46 mapping) if ``idna`` is installed."""
+    try:
+        import idna
+    except ImportError:
+        try:
+            return name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return None
 
 
 def _make_dnspython_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:

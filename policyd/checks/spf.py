@@ -124,7 +124,7 @@ from typing import Any, ClassVar, Final, Literal
 import spf  # type: ignore[import-untyped]
 
 from mxward.shared.aio import running_loop
-from mxward.shared.dns import Answer, DnsError, DnsTempError, Resolver
+from mxward.shared.dns import Answer, DnsError, DnsTempError, Resolver, normalize_domain
 from mxward.shared.matchers import DomainList
 from mxward.shared.netutil import NetworkList
 from mxward.shared.plugin import Action, Check, IPAddress, Result, Services, Stage, Transaction, Verdict
@@ -200,28 +200,13 @@ class Options:
 # Identities
 
 
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-
-
 def spf_domain(name: str) -> str | None:
     """``name`` as SPF checks it (lower case, A-labels), or None if it is no valid FQDN.
 
     RFC 7208 section 4.3: a malformed name or a single label gives "none" without a lookup.
     """
-    name = name.strip().lower().removesuffix(".")
-    if not name or len(name) > 253:
-        return None
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    labels = name.split(".")
-    if len(labels) < 2 or labels[-1].isdigit():
-        return None
-    if not all(_LABEL.fullmatch(label) for label in labels):
-        return None
-    return name
+    domain = normalize_domain(name)
+    return domain if domain is not None and "." in domain else None
 
 
 @dataclass(frozen=True, slots=True)
