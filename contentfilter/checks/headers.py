@@ -109,7 +109,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 from mxward.shared.headers import comment_end
 from mxward.shared.plugin import (
@@ -148,16 +148,7 @@ Problem = Literal[
     "future_date",
     "past_date",
 ]
-PROBLEMS: tuple[Problem, ...] = (
-    "no_headers",
-    "missing",
-    "duplicate",
-    "bad_from",
-    "from_count",
-    "bad_date",
-    "future_date",
-    "past_date",
-)
+PROBLEMS: tuple[Problem, ...] = get_args(Problem)
 
 _SINGULAR = (
     "From",
