@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filter_bench import prepared_message
+from policy_bench import command_output
 
 from mxward.contentfilter.checks.dkim import DkimCheck, SigningKey
 from mxward.contentfilter.checks.dkim import Options as DkimOptions
@@ -342,14 +343,6 @@ def version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def command_output(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return done.stdout.strip() or "?"
 
 
 def environment(args: argparse.Namespace) -> dict[str, str]:

@@ -119,9 +119,14 @@ from policy_bench import (
     FakeDns,
     Proc,
     can_bind,
+    comma_list,
     command_output,
+    fmt,
     free_port,
+    header,
+    ratio,
     read_ready,
+    row,
     sigterm_as_interrupt,
     wait_until,
 )
@@ -1159,22 +1164,6 @@ def measure_mode(
 # region #### report ####
 
 
-def fmt(value: float, digits: int = 0) -> str:
-    return "-" if math.isnan(value) else f"{value:.{digits}f}"
-
-
-def ratio(a: float, b: float) -> str:
-    return "-" if math.isnan(a) or math.isnan(b) or not b else f"{a / b:.2f}"
-
-
-def row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def header(titles: list[str]) -> list[str]:
-    return [row(titles), row(["---"] * len(titles))]
-
-
 def size_label(size: int) -> str:
     return f"{size / 1024:g} KB" if size % 1024 == 0 else f"{size} B"
 
@@ -1369,10 +1358,6 @@ def save(args: argparse.Namespace, env: dict[str, str], measurements: list[Measu
 
 # endregion
 # region #### main ####
-
-
-def comma_list(values: list[str]) -> list[str]:
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
 def parse_size(text: str) -> int:
