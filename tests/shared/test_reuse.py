@@ -238,3 +238,35 @@ def test_running_loop_follows_the_loop_that_runs() -> None:
         return os.waitpid(pid, 0)[1]  # noqa: ASYNC222 - the child exits at once
 
     assert asyncio.run(fork_inside()) == 0
+
+
+def test_a_reused_result_copies_every_field_but_the_time() -> None:
+    """The copy a reuse hands out carries every field a check sets (a new Result field must be
+    copied too); the pipeline stamps each copy's own time."""
+    import dataclasses as dc
+
+    from mxward.shared.authresults import AuthResult
+    from mxward.shared.pipeline import _again
+    from mxward.shared.plugin import Action
+
+    original = Result(
+        check="lookup",
+        verdict=Verdict.FAIL,
+        score=2.5,
+        reason="why",
+        log={"k": "v"},
+        facts={"lookup.found": True},
+        action=Action.reject("no", 550, "5.7.1"),
+        header="X-Test: 1",
+        auth=(AuthResult(method="spf", result="fail"),),
+        elapsed_ms=3.0,
+    )
+    copy = _again(original)
+    assert copy is not original
+    stamped_by_the_pipeline = {"elapsed_ms", "observed"}
+    set_here = {"check", "verdict", "score", "reason", "log", "facts", "action", "header", "auth"}
+    # A new Result field fails here until this test sets it (and _again copies it).
+    assert {field.name for field in dc.fields(Result)} == set_here | stamped_by_the_pipeline
+    for field in dc.fields(Result):
+        if field.name not in stamped_by_the_pipeline:
+            assert getattr(copy, field.name) == getattr(original, field.name), field.name
