@@ -32,7 +32,9 @@ from mxward.shared.plugin import Decision, LogValue, Transaction
 
 __all__ = ["LineHandler", "decision_line", "info_line", "kv", "setup_logging"]
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:@/+\[\]<>,()=*#%!?&~^{}|$']")
+# Values made only of these characters are logged bare. (fullmatch of the positive class is
+# about twice as fast as searching for a character outside it.)
+_SAFE = re.compile(r"[A-Za-z0-9.\-_:@/+\[\]<>,()=*#%!?&~^{}|$']*")
 
 
 def kv(value: LogValue) -> str:
@@ -44,7 +46,7 @@ def kv(value: LogValue) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     text = str(value)
-    if _UNSAFE.search(text) is None:
+    if _SAFE.fullmatch(text) is not None:
         return text
     if len(text) > 300:
         text = text[:300] + "..."
@@ -79,16 +81,32 @@ def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:
             part += "[" + " ".join([f"{k}={v}" for k, v in r.log.items()]) + "]"
         parts.append(part)
     action_word = action_text.split(" ", 1)[0]
-    return (
-        f"decision instance={kv(tx.instance)} queue={kv(tx.queue_id)}"
-        f" client={kv(f'{tx.client_name}[{tx.client_address}]')} helo={kv(tx.helo)}"
-        f" from={kv(f'<{tx.sender}>')} rcpt={kv(f'<{tx.recipient}>' if tx.recipient else '')}"
-        f" state={kv(tx.protocol_state)} action={kv(action_word)}"
-        f" score={decision.score:g}"
-        + (f" exempt={decision.exempt}" if decision.exempt else "")
-        + f" checks={kv(' '.join(parts))} ms={decision.elapsed_ms:.1f}"
-        + (f" reply={kv(action_text)}" if action_word not in ("DUNNO", "PREPEND") else "")
+    fields = [
+        tx.instance,
+        tx.queue_id,
+        f"{tx.client_name}[{tx.client_address}]",
+        tx.helo,
+        f"<{tx.sender}>",
+        f"<{tx.recipient}>" if tx.recipient else "",
+        tx.protocol_state,
+        action_word,
+    ]
+    # One search over all eight values (joined by a safe character) instead of one each: on
+    # nearly every request none needs quoting, and only empty values become "-".
+    if _SAFE.fullmatch("=".join(fields)) is not None:
+        instance, queue, client, helo, sender, rcpt, state, word = [f or "-" for f in fields]
+    else:
+        instance, queue, client, helo, sender, rcpt, state, word = map(kv, fields)
+    line = (
+        f"decision instance={instance} queue={queue} client={client} helo={helo} from={sender}"
+        f" rcpt={rcpt} state={state} action={word} score={decision.score:g}"
     )
+    if decision.exempt:
+        line += f" exempt={decision.exempt}"
+    line += f" checks={kv(' '.join(parts))} ms={decision.elapsed_ms:.1f}"
+    if action_word not in ("DUNNO", "PREPEND"):
+        line += f" reply={kv(action_text)}"
+    return line
 
 
 class LineHandler(logging.Handler):

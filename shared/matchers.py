@@ -108,12 +108,15 @@ class AddressList:
 
     def matches(self, address: str) -> bool:
         local, domain = split_address(address)
+        if local in self._locals or domain in self._exact_domains:
+            return True
+        # The common lists (postmaster@, abuse@) have local parts only: skip what is empty.
+        if self._domains and self._domains.matches(domain):
+            return True
+        if not self._addresses and not self._regexes:
+            return False
         full = f"{local}@{domain}" if domain else local
-        if full in self._addresses or local in self._locals or domain in self._exact_domains:
-            return True
-        if self._domains.matches(domain):
-            return True
-        return any(rx.search(full) for rx in self._regexes)
+        return full in self._addresses or any(rx.search(full) for rx in self._regexes)
 
 
 class TextList:

@@ -121,6 +121,11 @@ class Pipeline:
         self._by_stage: dict[Stage, tuple[ActiveCheck, ...]] = {
             stage: tuple(c for c in self.checks if stage in c.check.stages) for stage in Stage
         }
+        # Each stage's checks in groups that run concurrently: a check with ``needs`` starts a
+        # new group, which runs once the ones before it have finished and provided their facts.
+        self._groups: dict[Stage, tuple[tuple[ActiveCheck, ...], ...]] = {
+            stage: _groups(checks) for stage, checks in self._by_stage.items()
+        }
         self.observed: collections.Counter[tuple[str, str]] = collections.Counter()
         self._watchdog = Watchdog()
         # Only checks that override after() get a bookkeeping call (saves a task per request).
@@ -190,23 +195,16 @@ class Pipeline:
             facts = dict(tx.facts)
             tx = tx.with_facts(facts)
         for stage in stages:
-            checks = self._by_stage[stage]
-            if not checks:
-                continue
-            group: list[ActiveCheck] = []
-            for active in checks:
-                if active.check.needs and group:
-                    results.extend(await self._run_group(group, stage, tx, deadline))
-                    group = []
-                    facts.update(_facts(results))
-                group.append(active)
-            if group:
-                results.extend(await self._run_group(group, stage, tx, deadline))
-                facts.update(_facts(results))
+            for group in self._groups[stage]:
+                done = await self._run_group(group, stage, tx, deadline)
+                for result in done:
+                    if result.facts:
+                        facts.update(result.facts)
+                results.extend(done)
         return results
 
     async def _run_group(
-        self, group: list[ActiveCheck], stage: Stage, tx: Transaction, deadline: float
+        self, group: Sequence[ActiveCheck], stage: Stage, tx: Transaction, deadline: float
     ) -> list[Result]:
         """Run checks that do not depend on each other, concurrently.
 
@@ -366,10 +364,11 @@ class Pipeline:
         """Turn the results gathered so far for this transaction into one decision at ``stage``."""
         settings = self.settings
         counted = [r for r in results if not r.observed]
-        score = sum(r.score for r in counted)
+        score = 0.0
         action = DUNNO
         reasons: list[str] = []
         for result in counted:
+            score += result.score
             if result.action is not None and result.action.kind > action.kind:
                 action = result.action
                 reasons = [result.reason or result.action.text]
@@ -385,7 +384,7 @@ class Pipeline:
                 action = dataclasses.replace(scored, text="; ".join(dict.fromkeys(reasons)))
         headers: tuple[str, ...] = ()
         if action.kind is ActionKind.DUNNO:
-            headers = tuple(r.header for r in counted if r.header)
+            headers = tuple([r.header for r in counted if r.header])
         return Decision(
             action=action,
             score=score,
@@ -527,12 +526,18 @@ async def _resume(coro: Coroutine[Any, Any, _T], waiting: object) -> _T:
                 return cast("_T", done.value)
 
 
-def _facts(results: Iterable[Result]) -> dict[str, LogValue]:
-    out: dict[str, LogValue] = {}
-    for result in results:
-        if result.facts:
-            out.update(result.facts)
-    return out
+def _groups(checks: Sequence[ActiveCheck]) -> tuple[tuple[ActiveCheck, ...], ...]:
+    """Split a stage's checks (in order) where a check needs facts from those before it."""
+    groups: list[tuple[ActiveCheck, ...]] = []
+    group: list[ActiveCheck] = []
+    for active in checks:
+        if active.check.needs and group:
+            groups.append(tuple(group))
+            group = []
+        group.append(active)
+    if group:
+        groups.append(tuple(group))
+    return tuple(groups)
 
 
 def _after_failed(active: ActiveCheck, exc: Exception) -> None:

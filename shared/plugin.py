@@ -51,6 +51,45 @@ LogValue = str | int | float | bool | None
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+_T = TypeVar("_T")
+_FACTORY: Any = object()  # the default of a parameter whose field has a default_factory
+
+
+def _quick_init(cls: type[_T]) -> type[_T]:
+    """Replace a frozen keyword-only dataclass's ``__init__`` with one that is about twice as fast.
+
+    The generated ``__init__`` of a frozen dataclass sets each field with its own
+    ``object.__setattr__`` call; this one takes the same keyword arguments with the same
+    defaults and sets the instance's ``__dict__`` in one call. Instances stay frozen (the
+    dataclass's ``__setattr__`` still refuses assignment). Used for the objects built on every
+    request: transactions, results and decisions.
+    """
+    namespace: dict[str, Any] = {"_setattr": object.__setattr__, "_FACTORY": _FACTORY}
+    params: list[str] = []
+    items: list[str] = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f.name
+        if f.default is not dataclasses.MISSING:
+            namespace[f"_d_{name}"] = f.default
+            params.append(f"{name}=_d_{name}")
+            items.append(f"{name!r}: {name}")
+        elif f.default_factory is not dataclasses.MISSING:
+            namespace[f"_f_{name}"] = f.default_factory
+            params.append(f"{name}=_FACTORY")
+            items.append(f"{name!r}: _f_{name}() if {name} is _FACTORY else {name}")
+        else:
+            params.append(name)
+            items.append(f"{name!r}: {name}")
+    body = ", ".join(items)
+    source = f"def __init__(self, *, {', '.join(params)}):\n    _setattr(self, '__dict__', {{{body}}})\n"
+    exec(source, namespace)  # noqa: S102 - code built from the class's own field names, as dataclasses does
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
+
+
 class Stage(enum.Enum):
     """When the data a check needs is complete, in the order the stages occur."""
 
@@ -151,7 +190,8 @@ class Action:
 DUNNO = Action(ActionKind.DUNNO)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_quick_init
+@dataclass(frozen=True, kw_only=True)
 class Result:
     """What one check found.
 
@@ -175,7 +215,8 @@ class Result:
     observed: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_quick_init
+@dataclass(frozen=True, kw_only=True)
 class Transaction:
     """One envelope as the checks see it: the same shape in policyd and in the content filter.
 
@@ -211,7 +252,8 @@ class Transaction:
         return dataclasses.replace(self, facts=facts)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_quick_init
+@dataclass(frozen=True, kw_only=True)
 class Decision:
     """The pipeline's answer for one request: the action, and everything that led to it."""
 

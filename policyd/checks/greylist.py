@@ -230,7 +230,7 @@ def normalise_sender(
     local, domain = split_address(sender)
     if not local and not domain:
         return ""
-    if strip_batv:
+    if strip_batv and "=" in local:  # every BATV form has an "="
         local = _BATV.sub("", local)
     if delimiter:
         local = local.split(delimiter, 1)[0]
@@ -254,6 +254,7 @@ class GreylistCheck(Check[Options]):
         self._sender_domains = DomainList(options.allow_sender_domains)
         self._countries = frozenset(c.upper() for c in options.skip_countries)
         self._os = TextList(options.only_os, "only_os") if options.only_os else None
+        self._deferrals: dict[int, Action] = {}
         state = services.state
         self._ns = state.namespace(self.name)
         self._script = state.script(_SCRIPT)
@@ -272,6 +273,16 @@ class GreylistCheck(Check[Options]):
             str(options.auto_allow_clients),
             str(int(options.auto_allow_interval)),
         )
+
+    def _deferral(self, seconds: int) -> Action:
+        """The DEFER_IF_PERMIT action for a wait of ``seconds`` (made once per distinct wait)."""
+        action = self._deferrals.get(seconds)
+        if action is None:
+            text = self.options.reply_text.format(seconds=max(seconds, 1))
+            if len(self._deferrals) >= 4096:  # "early" waits count down: bound the memo
+                self._deferrals.clear()
+            action = self._deferrals[seconds] = Action.defer_if_permit(text, self.options.dsn)
+        return action
 
     def network(self, tx: Transaction) -> str:
         assert tx.client_ip is not None
@@ -332,12 +343,12 @@ class GreylistCheck(Check[Options]):
         status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         value = int(reply[1])
         if status in ("new", "early"):
-            text = opts.reply_text.format(seconds=max(value, 1))
+            action = self._deferral(value)
             return self.result(
                 Verdict.FAIL,
-                reason=text,
+                reason=action.text,
                 facts={"greylist.status": status},
-                action=Action.defer_if_permit(text, opts.dsn),
+                action=action,
                 status=status,
                 wait=value,
             )

@@ -1,0 +1,127 @@
+"""The decision line: one key=value line per request that a log reader can split back apart."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mxward.shared.logs import decision_line, kv
+from mxward.shared.plugin import Action, Decision, Result, Stage, Transaction, Verdict
+
+_TOKEN = re.compile(r' ?([a-z]+)=("(?:[^"\\]|\\.)*"|[^ "]*)')
+
+
+_ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|.)")
+_NAMED = {"t": "\t", "n": "\n", "r": "\r"}
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = match.group(1)
+    if len(code) > 1:
+        return chr(int(code[1:], 16))
+    return _NAMED.get(code, code)
+
+
+def parse_line(line: str) -> dict[str, str]:
+    """Split a decision line into its values: what a log reader (or a grep) does with it."""
+    assert line.startswith("decision ")
+    values: dict[str, str] = {}
+    pos = len("decision")
+    while pos < len(line):
+        match = _TOKEN.match(line, pos)
+        assert match is not None, f"cannot split {line[pos:]!r}"
+        key, raw = match.groups()
+        if raw.startswith('"'):
+            raw = _ESCAPE.sub(_unescape, raw[1:-1])
+        values[key] = raw
+        pos = match.end()
+    return values
+
+
+def line_for(**fields: str) -> str:
+    tx = Transaction(
+        stage=Stage.RCPT,
+        client_address=fields.get("address", "192.0.2.7"),
+        client_name=fields.get("name", "mx.example.net"),
+        helo=fields.get("helo", "mx.example.net"),
+        sender=fields.get("sender", "alice@example.net"),
+        recipient=fields.get("recipient", "bob@example.com"),
+        instance=fields.get("instance", "5499.6b059fa5.c0eb7.0"),
+        protocol_state="RCPT",
+    )
+    action = Action.defer_if_permit("Greylisted, please try again in 300 seconds")
+    result = Result(check="greylist", verdict=Verdict.FAIL, action=action, log={"status": "new", "wait": 300})
+    decision = Decision(action=action, score=0.0, results=(result,), stage=Stage.RCPT, elapsed_ms=0.6)
+    return decision_line(tx, decision, f"DEFER_IF_PERMIT 4.7.1 {action.text}")
+
+
+def test_a_plain_request_is_logged_bare() -> None:
+    line = line_for()
+    assert line == (
+        "decision instance=5499.6b059fa5.c0eb7.0 queue=- client=mx.example.net[192.0.2.7]"
+        " helo=mx.example.net from=<alice@example.net> rcpt=<bob@example.com> state=RCPT"
+        ' action=DEFER_IF_PERMIT score=0 checks="greylist:fail(forced,0.0ms)[status=new wait=300]"'
+        ' ms=0.6 reply="DEFER_IF_PERMIT 4.7.1 Greylisted, please try again in 300 seconds"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "key", "logged"),
+    [
+        ("helo", "", "helo", "-"),
+        ("sender", "", "from", "<>"),
+        ("recipient", "", "rcpt", "-"),
+        ("instance", "", "instance", "-"),
+        ("helo", "two words", "helo", '"two words"'),
+        ("helo", 'say "hi"', "helo", r'"say \"hi\""'),
+        ("helo", "back\\slash", "helo", r'"back\\slash"'),
+        ("helo", "tab\there", "helo", r'"tab\there"'),
+        ("helo", "nul\x00byte", "helo", r'"nul\x00byte"'),
+        ("helo", "ümlaut.example", "helo", '"ümlaut.example"'),
+        ("sender", "a b@example.net", "from", '"<a b@example.net>"'),
+    ],
+)
+def test_one_unusual_value_is_quoted_and_the_others_stay_bare(
+    field: str, value: str, key: str, logged: str
+) -> None:
+    line = line_for(**{field: value})
+    assert f" {key}={logged} " in line
+    assert " client=mx.example.net[192.0.2.7] " in line
+    assert "\t" not in line and "\x00" not in line and "\n" not in line
+
+
+@given(
+    helo=st.text(max_size=40),
+    sender=st.text(max_size=40),
+    name=st.text(alphabet=st.characters(blacklist_characters="[]"), max_size=20),
+)
+def test_every_value_comes_back_from_the_line(helo: str, sender: str, name: str) -> None:
+    """Whatever the client sends, the line splits into the same keys and printable values."""
+    line = line_for(helo=helo, sender=sender, name=name)
+    assert line.isprintable()
+    values = parse_line(line)
+    keys = "instance queue client helo from rcpt state action score checks ms reply"
+    assert list(values) == keys.split()
+    assert values["helo"] == (helo or "-")
+    assert values["from"] == f"<{sender}>"
+    assert values["client"] == f"{name}[192.0.2.7]"
+
+
+@pytest.mark.parametrize(
+    ("value", "logged"),
+    [
+        (None, "-"),
+        ("", "-"),
+        (True, "yes"),
+        (False, "no"),
+        (0.25, "0.25"),
+        (3, "3"),
+        ("a " * 151, '"' + "a " * 150 + '..."'),
+        ("x" * 400, "x" * 400),  # safe characters only: bare, however long
+    ],
+)
+def test_kv(value: object, logged: str) -> None:
+    assert kv(value) == logged  # type: ignore[arg-type]
