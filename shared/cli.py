@@ -214,7 +214,7 @@ def _print_result(r: Result) -> None:
     details = " ".join(f"{k}={kv(v)}" for k, v in r.log.items())
     print(
         f"  {r.check:<12} {r.verdict.value:<5} score={r.score:g}{mode}{forced}"
-        f" {r.elapsed_ms:.1f}ms {details}".rstrip()
+        f" {'reused' if r.reused else f'{r.elapsed_ms:.1f}ms'} {details}".rstrip()
     )
     if r.reason:
         print(f"  {'':<12} reason: {r.reason}")

@@ -8,7 +8,8 @@ Every decision produces exactly one INFO line of ``key=value`` pairs, for exampl
 
 (one line in the log). Values with spaces or quotes are quoted; control characters never reach
 the log. Check words are qpsmtpd's: pass, fail, skip, error; ``(observe)`` marks a check in
-observe mode, ``(forced)`` one whose action decided. Message bodies and credentials are never
+observe mode, ``(forced)`` one whose action decided, ``(reused)`` a result given again from
+cached DNS answers instead of the check's time. Message bodies and credentials are never
 logged.
 
 Targets (``[mxward] log_target``): ``stderr`` (systemd's journal adds the time stamp),
@@ -68,7 +69,7 @@ def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:
     parts = []
     forced = decision.action
     for r in decision.results:
-        extra = f"{r.elapsed_ms:.1f}ms"
+        extra = "reused" if r.reused else f"{r.elapsed_ms:.1f}ms"
         if r.score:
             extra = f"{r.score:+g},{extra}"
         if r.observed:

@@ -19,7 +19,8 @@ Everything checks must not repeat lives here:
   DEFER_IF_PERMIT over DUNNO.
 * **Reuse**: a check that names the values its result depends on (``Check.reuse_key``) and
   finished without waiting, from cached DNS answers, gets that result again for the same values
-  until the first of those answers expires; the check's code does not run again.
+  until the first of those answers expires; the check's code does not run again, and the
+  decision line shows ``(reused)`` instead of its time.
 * **Replies**: only the pipeline builds reply text, from ``Result.reason`` (never ``log``); the
   daemon's reply formatter makes it one printable, bounded line.
 """
@@ -185,8 +186,13 @@ class Pipeline:
         """Run every enabled check of ``stages`` (in order) and return their results.
 
         ``deadline`` is a ``loop.time()`` value; checks still running then are cut off.
+
+        The checks of a group (see ``_groups``) run concurrently. Each check's first step runs
+        at once in this task (see :meth:`_start`); most finish there, and a group whose checks
+        all do costs no coroutine at all. Of those that have to wait, the first continues in
+        this task and each other one in a task of its own (:meth:`_wait`).
         """
-        results: list[Result] = []
+        results: list[Result | None] = []
         # The transaction's facts dict is updated in place as checks finish (no copy of the
         # transaction per stage): the checks of a later group or stage see the earlier facts.
         if isinstance(tx.facts, dict):
@@ -196,33 +202,32 @@ class Pipeline:
             tx = tx.with_facts(facts)
         for stage in stages:
             for group in self._groups[stage]:
-                done = await self._run_group(group, stage, tx, deadline)
-                for result in done:
-                    if result.facts:
+                first = len(results)
+                waiting: list[tuple[int, _Started]] | None = None
+                for active in group:
+                    started = self._start(active, stage, tx, deadline)
+                    if isinstance(started, Result):
+                        results.append(started)
+                        continue
+                    if waiting is None:
+                        waiting = []
+                    waiting.append((len(results), started))
+                    results.append(None)
+                if waiting is None:
+                    pass
+                elif len(waiting) == 1:
+                    index, started = waiting[0]
+                    results[index] = await self._complete(started)
+                else:
+                    await self._wait(waiting, results)
+                for index in range(first, len(results)):
+                    result = results[index]
+                    if result is not None and result.facts:
                         facts.update(result.facts)
-                results.extend(done)
-        return results
+        return cast("list[Result]", results)
 
-    async def _run_group(
-        self, group: Sequence[ActiveCheck], stage: Stage, tx: Transaction, deadline: float
-    ) -> list[Result]:
-        """Run checks that do not depend on each other, concurrently.
-
-        Each check's first step runs at once in this task (see :meth:`_start`); most finish
-        there. Of those that have to wait, the first continues in this task and each other one
-        in a task of its own: tasks are made only where there is something to wait for.
-        """
-        results: list[Result | None] = []
-        waiting: list[tuple[int, _Started]] = []
-        for index, active in enumerate(group):
-            started = self._start(active, stage, tx, deadline)
-            if isinstance(started, Result):
-                results.append(started)
-            else:
-                results.append(None)
-                waiting.append((index, started))
-        if not waiting:
-            return cast("list[Result]", results)
+    async def _wait(self, waiting: list[tuple[int, _Started]], results: list[Result | None]) -> None:
+        """Finish the checks of a group that wait, concurrently; put their results in place."""
         loop = running_loop()
         others = [(index, loop.create_task(self._complete(started))) for index, started in waiting[1:]]
         try:
@@ -233,13 +238,6 @@ class Pipeline:
         finally:
             for _, task in others:
                 task.cancel()
-        return cast("list[Result]", results)
-
-    async def _run_one(self, active: ActiveCheck, stage: Stage, tx: Transaction, deadline: float) -> Result:
-        started = self._start(active, stage, tx, deadline)
-        if isinstance(started, Result):
-            return started
-        return await self._complete(started)
 
     def _start(
         self, active: ActiveCheck, stage: Stage, tx: Transaction, deadline: float
@@ -281,7 +279,8 @@ class Pipeline:
             if kept is not None:
                 if kept[0] > now:
                     reuse.move_to_end(key)
-                    return self._finish(active, _again(kept[1]), began)
+                    # The kept object itself (frozen, marked reused): no copy, no time stamp.
+                    return self._finish(active, kept[1], began) if active.observe else kept[1]
                 del reuse[key]
         outer = dns.watch()
         coro = active.check.check(stage, tx)
@@ -291,7 +290,7 @@ class Pipeline:
             result = cast("Result", done.value)
             expires = dns.unwatch(outer)
             if key is not None and result.verdict is not Verdict.ERROR and expires > now:
-                reuse[key] = (min(expires, now + dns.settings.max_ttl), _again(result))
+                reuse[key] = (min(expires, now + dns.settings.max_ttl), _again(result, reused=True))
                 if len(reuse) > self._reuse_size:
                     reuse.popitem(last=False)
             return self._finish(active, result, began)
@@ -544,8 +543,8 @@ def _after_failed(active: ActiveCheck, exc: Exception) -> None:
     log.warning("check=%s after-hook failed: %s: %s", active.name, type(exc).__name__, exc)
 
 
-def _again(result: Result) -> Result:
-    """A copy of ``result`` for another request (the pipeline stamps each copy's time)."""
+def _again(result: Result, *, reused: bool = False) -> Result:
+    """A copy of ``result`` without the pipeline's stamps (time, observe mode)."""
     return Result(
         check=result.check,
         verdict=result.verdict,
@@ -556,6 +555,7 @@ def _again(result: Result) -> Result:
         action=result.action,
         header=result.header,
         auth=result.auth,
+        reused=reused,
     )
 
 

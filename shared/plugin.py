@@ -213,6 +213,9 @@ class Result:
     auth: tuple[AuthResult, ...] = ()
     elapsed_ms: float = 0.0
     observed: bool = False
+    # Given again from an earlier request whose DNS answers are still cached (the pipeline's
+    # reused results): the same object for every request that reuses it, elapsed_ms 0.
+    reused: bool = False
 
 
 @_quick_init

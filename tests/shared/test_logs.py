@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mxward.shared.logs import decision_line, kv
-from mxward.shared.plugin import Action, Decision, Result, Stage, Transaction, Verdict
+from mxward.shared.plugin import DUNNO, Action, Decision, Result, Stage, Transaction, Verdict
 
 _TOKEN = re.compile(r' ?([a-z]+)=("(?:[^"\\]|\\.)*"|[^ "]*)')
 
@@ -125,3 +125,12 @@ def test_every_value_comes_back_from_the_line(helo: str, sender: str, name: str)
 )
 def test_kv(value: object, logged: str) -> None:
     assert kv(value) == logged  # type: ignore[arg-type]
+
+
+def test_a_reused_result_shows_reused_instead_of_a_time() -> None:
+    tx = Transaction(stage=Stage.RCPT, client_address="192.0.2.7", recipient="bob@example.com")
+    reused = Result(check="spf", verdict=Verdict.PASS, log={"result": "pass"}, reused=True)
+    timed = Result(check="greylist", verdict=Verdict.PASS, elapsed_ms=0.42)
+    decision = Decision(action=DUNNO, score=0.0, results=(reused, timed), stage=Stage.RCPT)
+    line = decision_line(tx, decision, "DUNNO")
+    assert ' checks="spf:pass(reused)[result=pass] greylist:pass(0.4ms)" ' in line

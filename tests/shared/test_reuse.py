@@ -88,7 +88,11 @@ async def test_a_result_from_cached_answers_is_reused_until_the_first_answer_exp
     assert check.runs == 2
     assert first.log == second.log == third.log == {"records": "127.0.0.2"}
     assert third.facts == {"lookup.found": True}
-    assert third is not second  # each request gets its own result, stamped with its own time
+    # Run 3 is given the kept result itself: marked as reused, no time of its own, and what the
+    # decision line and `mxward check` show for it.
+    assert third.reused and not second.reused
+    assert third.elapsed_ms == 0.0
+    assert (await run(pipeline, tx("short.test.example"))) is third
 
     clock.advance(29.0)
     await run(pipeline, tx("short.test.example"))
@@ -241,8 +245,8 @@ def test_running_loop_follows_the_loop_that_runs() -> None:
 
 
 def test_a_reused_result_copies_every_field_but_the_time() -> None:
-    """The copy a reuse hands out carries every field a check sets (a new Result field must be
-    copied too); the pipeline stamps each copy's own time."""
+    """The kept copy carries every field a check sets (a new Result field must be copied too),
+    and the pipeline's own marks: reused, no time."""
     import dataclasses as dc
 
     from mxward.shared.authresults import AuthResult
@@ -261,9 +265,10 @@ def test_a_reused_result_copies_every_field_but_the_time() -> None:
         auth=(AuthResult(method="spf", result="fail"),),
         elapsed_ms=3.0,
     )
-    copy = _again(original)
+    copy = _again(original, reused=True)
     assert copy is not original
-    stamped_by_the_pipeline = {"elapsed_ms", "observed"}
+    assert (copy.reused, copy.elapsed_ms, copy.observed) == (True, 0.0, False)
+    stamped_by_the_pipeline = {"elapsed_ms", "observed", "reused"}
     set_here = {"check", "verdict", "score", "reason", "log", "facts", "action", "header", "auth"}
     # A new Result field fails here until this test sets it (and _again copies it).
     assert {field.name for field in dc.fields(Result)} == set_here | stamped_by_the_pipeline
