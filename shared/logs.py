@@ -29,7 +29,7 @@ import time
 from typing import TextIO
 
 from mxward.shared.aio import running_loop
-from mxward.shared.plugin import Decision, LogValue, Transaction
+from mxward.shared.plugin import Action, Decision, LogValue, Result, Transaction
 
 __all__ = ["LineHandler", "decision_line", "info_line", "kv", "setup_logging"]
 
@@ -64,23 +64,45 @@ def kv(value: LogValue) -> str:
     return '"' + "".join(escaped) + '"'
 
 
+def _part(r: Result, forced: Action) -> str:
+    """One check's part of the ``checks=`` value: ``name:verdict(extra)[log]``."""
+    extra = "reused" if r.reused else f"{r.elapsed_ms:.1f}ms"
+    if r.score:
+        extra = f"{r.score:+g},{extra}"
+    if r.observed:
+        extra = "observe," + extra
+    elif r.action is not None and r.action is forced:
+        extra = "forced," + extra
+    # (_value_ is the Enum's plain attribute; .value is a slower property)
+    part = f"{r.check}:{r.verdict._value_}({extra})"
+    if r.log:
+        part += "[" + " ".join([f"{k}={v}" for k, v in r.log.items()]) + "]"
+    return part
+
+
+# The parts of reused results (the same frozen object, request after request), by identity. An
+# entry holds its result, so an id cannot be taken over by another object while it is here.
+_REUSED_PARTS: dict[int, tuple[Result, str]] = {}
+_REUSED_PARTS_MAX = 4096
+
+
 def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:
     """The decision summary for one request (see the module docstring)."""
     parts = []
     forced = decision.action
     for r in decision.results:
-        extra = "reused" if r.reused else f"{r.elapsed_ms:.1f}ms"
-        if r.score:
-            extra = f"{r.score:+g},{extra}"
-        if r.observed:
-            extra = "observe," + extra
-        elif r.action is not None and r.action is forced:
-            extra = "forced," + extra
-        # (_value_ is the Enum's plain attribute; .value is a slower property)
-        part = f"{r.check}:{r.verdict._value_}({extra})"
-        if r.log:
-            part += "[" + " ".join([f"{k}={v}" for k, v in r.log.items()]) + "]"
-        parts.append(part)
+        if r.reused and r.action is None and not r.observed:
+            hit = _REUSED_PARTS.get(id(r))
+            if hit is not None and hit[0] is r:
+                parts.append(hit[1])
+                continue
+            part = _part(r, forced)
+            if len(_REUSED_PARTS) >= _REUSED_PARTS_MAX:
+                _REUSED_PARTS.clear()
+            _REUSED_PARTS[id(r)] = (r, part)
+            parts.append(part)
+        else:
+            parts.append(_part(r, forced))
     action_word = action_text.split(" ", 1)[0]
     fields = [
         tx.instance,

@@ -134,3 +134,17 @@ def test_a_reused_result_shows_reused_instead_of_a_time() -> None:
     decision = Decision(action=DUNNO, score=0.0, results=(reused, timed), stage=Stage.RCPT)
     line = decision_line(tx, decision, "DUNNO")
     assert ' checks="spf:pass(reused)[result=pass] greylist:pass(0.4ms)" ' in line
+
+
+def test_the_part_of_a_reused_result_is_the_same_each_time_and_forced_still_shows() -> None:
+    tx = Transaction(stage=Stage.RCPT, client_address="192.0.2.7", recipient="bob@example.com")
+    reused = Result(check="helo", verdict=Verdict.PASS, log={"tests": "rfc"}, reused=True)
+    reject = Action.reject("listed", 554, "5.7.1")
+    listed = Result(check="dnsbl", verdict=Verdict.FAIL, action=reject, log={"zone": "bl"}, reused=True)
+    other = Result(check="helo", verdict=Verdict.PASS, log={"tests": "strict"}, reused=True)
+    for _ in range(3):
+        decision = Decision(action=reject, score=0.0, results=(reused, listed), stage=Stage.RCPT)
+        line = decision_line(tx, decision, "554 5.7.1 listed")
+        assert ' checks="helo:pass(reused)[tests=rfc] dnsbl:fail(forced,reused)[zone=bl]" ' in line
+        decision = Decision(action=DUNNO, score=0.0, results=(other,), stage=Stage.RCPT)
+        assert ' checks=helo:pass(reused)[tests=strict] ' in decision_line(tx, decision, "DUNNO")
