@@ -246,13 +246,28 @@ class Pipeline:
 
         A check that finishes without waiting (a cached DNS answer, a computation) costs no
         task and no timer. One that waits is finished by :meth:`_complete` under its budget.
+        A kept result (see :meth:`_reused`) is given before anything else, past the deadline too:
+        it costs nothing.
         """
+        reuse = self._reuse.get(active.name) if self._reuse else None
+        key: Hashable | None = None
+        if reuse is not None:
+            try:
+                values = active.check.reuse_key(stage, tx)
+            except Exception as exc:
+                return self._finish(active, self._failure(active, exc), time.perf_counter())
+            if values is not None:
+                key = (stage, values)
+                kept = self._reused(reuse, key)
+                if kept is not None:
+                    # The kept object itself (frozen, marked reused): no copy, no time stamp.
+                    return self._finish(active, kept, time.perf_counter()) if active.observe else kept
         began = time.perf_counter()
         budget = min(active.timeout, deadline - running_loop().time())
         if budget <= 0:
             return self._finish(active, _error(active.name, "deadline"), began)
-        if self._reuse and active.name in self._reuse:
-            return self._start_reusing(active, stage, tx, budget, began)
+        if reuse is not None:
+            return self._start_reusing(active, stage, tx, budget, began, reuse=reuse, key=key)
         coro = active.check.check(stage, tx)
         try:
             waiting = coro.send(None)
@@ -262,26 +277,33 @@ class Pipeline:
             return self._finish(active, self._failure(active, exc), began)
         return _Started(active, coro, waiting, budget, began)
 
+    def _reused(
+        self, reuse: collections.OrderedDict[Hashable, tuple[float, Result]], key: Hashable
+    ) -> Result | None:
+        """The kept result for ``key`` while its answers are cached (and drop an expired one)."""
+        kept = reuse.get(key)
+        if kept is None:
+            return None
+        if kept[0] > cast("Resolver", self._dns).now():
+            reuse.move_to_end(key)
+            return kept[1]
+        del reuse[key]
+        return None
+
     def _start_reusing(
-        self, active: ActiveCheck, stage: Stage, tx: Transaction, budget: float, began: float
+        self,
+        active: ActiveCheck,
+        stage: Stage,
+        tx: Transaction,
+        budget: float,
+        began: float,
+        *,
+        reuse: collections.OrderedDict[Hashable, tuple[float, Result]],
+        key: Hashable | None,
     ) -> Result | _Started:
-        """:meth:`_start` for a check whose results may be reused."""
+        """:meth:`_start` for a check whose result may be kept: run it, keep what it gives."""
         dns = cast("Resolver", self._dns)
-        reuse = self._reuse[active.name]
-        try:
-            values = active.check.reuse_key(stage, tx)
-        except Exception as exc:
-            return self._finish(active, self._failure(active, exc), began)
-        key = None if values is None else (stage, values)
         now = dns.now()
-        if key is not None:
-            kept = reuse.get(key)
-            if kept is not None:
-                if kept[0] > now:
-                    reuse.move_to_end(key)
-                    # The kept object itself (frozen, marked reused): no copy, no time stamp.
-                    return self._finish(active, kept[1], began) if active.observe else kept[1]
-                del reuse[key]
         outer = dns.watch()
         coro = active.check.check(stage, tx)
         try:
