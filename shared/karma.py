@@ -110,6 +110,9 @@ class KarmaRecord:
 
     @classmethod
     def from_hash(cls, network: str, data: dict[str, str], ttl: int = -1) -> KarmaRecord:
+        if not data:  # a client never seen: the common case, and the cheapest
+            return cls(network, ttl=ttl)
+
         def num(name: str) -> int:
             try:
                 return int(float(data.get(name, 0)))
