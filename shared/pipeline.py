@@ -213,12 +213,10 @@ class Pipeline:
                         waiting = []
                     waiting.append((len(results), started))
                     results.append(None)
-                if waiting is None:
-                    pass
-                elif len(waiting) == 1:
+                if waiting is not None and len(waiting) == 1:
                     index, started = waiting[0]
                     results[index] = await self._complete(started)
-                else:
+                elif waiting is not None:
                     await self._wait(waiting, results)
                 for index in range(first, len(results)):
                     result = results[index]
@@ -312,7 +310,7 @@ class Pipeline:
             result = cast("Result", done.value)
             expires = dns.unwatch(outer)
             if key is not None and result.verdict is not Verdict.ERROR and expires > now:
-                reuse[key] = (min(expires, now + dns.settings.max_ttl), _again(result, reused=True))
+                reuse[key] = (min(expires, now + dns.settings.max_ttl), _kept(result))
                 if len(reuse) > self._reuse_size:
                     reuse.popitem(last=False)
             return self._finish(active, result, began)
@@ -565,8 +563,8 @@ def _after_failed(active: ActiveCheck, exc: Exception) -> None:
     log.warning("check=%s after-hook failed: %s: %s", active.name, type(exc).__name__, exc)
 
 
-def _again(result: Result, *, reused: bool = False) -> Result:
-    """A copy of ``result`` without the pipeline's stamps (time, observe mode)."""
+def _kept(result: Result) -> Result:
+    """The copy of ``result`` that the pipeline keeps for reuse: marked reused, no time or observe mark."""
     return Result(
         check=result.check,
         verdict=result.verdict,
@@ -577,7 +575,7 @@ def _again(result: Result, *, reused: bool = False) -> Result:
         action=result.action,
         header=result.header,
         auth=result.auth,
-        reused=reused,
+        reused=True,
     )
 
 

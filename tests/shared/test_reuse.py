@@ -250,7 +250,7 @@ def test_a_reused_result_copies_every_field_but_the_time() -> None:
     import dataclasses as dc
 
     from mxward.shared.authresults import AuthResult
-    from mxward.shared.pipeline import _again
+    from mxward.shared.pipeline import _kept
     from mxward.shared.plugin import Action
 
     original = Result(
@@ -265,12 +265,12 @@ def test_a_reused_result_copies_every_field_but_the_time() -> None:
         auth=(AuthResult(method="spf", result="fail"),),
         elapsed_ms=3.0,
     )
-    copy = _again(original, reused=True)
+    copy = _kept(original)
     assert copy is not original
     assert (copy.reused, copy.elapsed_ms, copy.observed) == (True, 0.0, False)
     stamped_by_the_pipeline = {"elapsed_ms", "observed", "reused"}
     set_here = {"check", "verdict", "score", "reason", "log", "facts", "action", "header", "auth"}
-    # A new Result field fails here until this test sets it (and _again copies it).
+    # A new Result field fails here until this test sets it (and _kept copies it).
     assert {field.name for field in dc.fields(Result)} == set_here | stamped_by_the_pipeline
     for field in dc.fields(Result):
         if field.name not in stamped_by_the_pipeline:
