@@ -46,7 +46,7 @@ from mxward.contentfilter.message import Message
 from mxward.shared.aio import running_loop
 from mxward.shared.authresults import AuthResult, build_header, ours
 from mxward.shared.karma import KarmaRules, KarmaStore, Outcome
-from mxward.shared.logs import info_line, kv
+from mxward.shared.logs import bound_part, checks_value, info_line, kv
 from mxward.shared.netutil import parse_ip
 from mxward.shared.plugin import ActionKind, Decision, LogValue, Result, Stage, Transaction
 from mxward.shared.state import StateError
@@ -406,7 +406,11 @@ class FilterService:
                 notes.append(f"{r.score:+g}")
             notes.append(f"{r.elapsed_ms:.1f}ms")
             extra = " ".join(f"{k}={v}" for k, v in r.log.items())
-            parts.append(f"{r.check}:{r.verdict.value}({','.join(notes)})" + (f"[{extra}]" if extra else ""))
+            parts.append(
+                bound_part(
+                    f"{r.check}:{r.verdict.value}({','.join(notes)})" + (f"[{extra}]" if extra else "")
+                )
+            )
         record_view = ""
         if judgement.policy == "found":
             facts = tx.facts
@@ -422,7 +426,7 @@ class FilterService:
             f" helo={kv(tx.helo)} from={kv(f'<{env.sender}>')} rcpts={len(env.recipients)}"
             f" size={message.size} policyd={judgement.policy}"
             + (f"[{kv(record_view)}]" if record_view else "")
-            + f" action={judgement.verdict} score={decision.score:g} checks={kv(' '.join(parts))}"
+            + f" action={judgement.verdict} score={decision.score:g} checks={checks_value(parts)}"
             f" ms={elapsed:.1f} reply={kv(reply)}" + (f" {detail}" if detail else ""),  # already key=value
         )
 

@@ -31,15 +31,20 @@ from typing import TextIO
 from mxward.shared.aio import running_loop
 from mxward.shared.plugin import Action, Decision, LogValue, Result, Transaction
 
-__all__ = ["LineHandler", "decision_line", "info_line", "kv", "setup_logging"]
+__all__ = ["LineHandler", "bound_part", "checks_value", "decision_line", "info_line", "kv", "setup_logging"]
 
 # Values made only of these characters are logged bare. (fullmatch of the positive class is
 # about twice as fast as searching for a character outside it.)
 _SAFE = re.compile(r"[A-Za-z0-9.\-_:@/+\[\]<>,()=*#%!?&~^{}|$']*")
+_VALUE_MAX = 300  # characters of one logged value
+_PART_MAX = 300  # characters of one check's part of checks=
 
 
 def kv(value: LogValue) -> str:
-    """One log value: bare when safe, else double-quoted with escapes; empty as ``-``."""
+    """One log value: bare when safe, else double-quoted with escapes; empty as ``-``.
+
+    Longer values are cut at 300 characters (``...`` marks the cut).
+    """
     if value is None or value == "":
         return "-"
     if isinstance(value, bool):
@@ -49,8 +54,13 @@ def kv(value: LogValue) -> str:
     text = str(value)
     if _SAFE.fullmatch(text) is not None:
         return text
-    if len(text) > 300:
-        text = text[:300] + "..."
+    if len(text) > _VALUE_MAX:
+        text = text[:_VALUE_MAX] + "..."
+    return _quoted(text)
+
+
+def _quoted(text: str) -> str:
+    """``text`` in double quotes: quotes and backslashes escaped, unprintables as ``\\xNN``."""
     if text.isprintable():
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     escaped = []
@@ -62,6 +72,23 @@ def kv(value: LogValue) -> str:
         else:
             escaped.append(ch)
     return '"' + "".join(escaped) + '"'
+
+
+def checks_value(parts: list[str]) -> str:
+    """The ``checks=`` value: every check's part as one value, never cut as a whole.
+
+    Each part is bounded by itself (:func:`bound_part`), so a check with a long log value
+    cannot hide the verdicts of the checks after it.
+    """
+    if not parts:
+        return "-"
+    text = " ".join(parts)
+    return text if _SAFE.fullmatch(text) is not None else _quoted(text)
+
+
+def bound_part(part: str) -> str:
+    """One check's part of ``checks=``, cut at 300 characters (``...]`` marks the cut)."""
+    return part if len(part) <= _PART_MAX else part[: _PART_MAX - 4] + "...]"
 
 
 def _part(r: Result, forced: Action) -> str:
@@ -76,14 +103,14 @@ def _part(r: Result, forced: Action) -> str:
     # (_value_ is the Enum's plain attribute; .value is a slower property)
     part = f"{r.check}:{r.verdict._value_}({extra})"
     if r.log:
-        part += "[" + " ".join([f"{k}={v}" for k, v in r.log.items()]) + "]"
+        part = bound_part(part + "[" + " ".join([f"{k}={v}" for k, v in r.log.items()]) + "]")
     return part
 
 
-# The parts of reused results (the same frozen object, request after request), by identity. An
-# entry holds its result, so an id cannot be taken over by another object while it is here.
-_REUSED_PARTS: dict[int, tuple[Result, str]] = {}
-_REUSED_PARTS_MAX = 4096
+# A reused result is the same frozen object request after request (see Result.reused), so its
+# part is made once and kept in the object itself, under a name that is not a field: equality,
+# repr and dataclasses.replace look at fields only.
+_PART_ATTR = "_logged_part"
 
 
 def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:
@@ -92,14 +119,10 @@ def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:
     forced = decision.action
     for r in decision.results:
         if r.reused and r.action is None and not r.observed:
-            hit = _REUSED_PARTS.get(id(r))
-            if hit is not None and hit[0] is r:
-                parts.append(hit[1])
-                continue
-            part = _part(r, forced)
-            if len(_REUSED_PARTS) >= _REUSED_PARTS_MAX:
-                _REUSED_PARTS.clear()
-            _REUSED_PARTS[id(r)] = (r, part)
+            own = r.__dict__
+            part = own.get(_PART_ATTR)
+            if part is None:
+                part = own[_PART_ATTR] = _part(r, forced)
             parts.append(part)
         else:
             parts.append(_part(r, forced))
@@ -126,7 +149,7 @@ def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:
     )
     if decision.exempt:
         line += f" exempt={decision.exempt}"
-    line += f" checks={kv(' '.join(parts))} ms={decision.elapsed_ms:.1f}"
+    line += f" checks={checks_value(parts)} ms={decision.elapsed_ms:.1f}"
     if action_word not in ("DUNNO", "PREPEND"):
         line += f" reply={kv(action_text)}"
     return line

@@ -120,7 +120,7 @@ class Pipeline:
             if self._reuse_size and type(c.check).reuse_key is not Check.reuse_key
         }
         self._by_stage: dict[Stage, tuple[ActiveCheck, ...]] = {
-            stage: tuple(c for c in self.checks if stage in c.check.stages) for stage in Stage
+            stage: tuple(c for c in self.checks if stage in c.check.active_stages()) for stage in Stage
         }
         # Each stage's checks in groups that run concurrently: a check with ``needs`` starts a
         # new group, which runs once the ones before it have finished and provided their facts.

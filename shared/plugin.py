@@ -314,6 +314,14 @@ class Check(abc.ABC, Generic[OptionsT]):
         self.options = options
         self.services = services
 
+    def active_stages(self) -> frozenset[Stage]:
+        """The stages this instance runs at: ``stages``, less any that its options leave idle.
+
+        Asked once, when the pipeline is built. A check whose work at a stage is switched off
+        (karma's recipient limit) says so here, and is neither run nor logged there.
+        """
+        return self.stages
+
     async def start(self) -> None:
         """Prepare before the first request (load files, register scripts)."""
 

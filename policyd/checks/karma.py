@@ -1,7 +1,7 @@
 """karma: remember how each client behaved, and keep repeat offenders out for a while.
 
-Stage: connect (history, penalty box), rcpt (recipient limit for unknown clients); bookkeeping
-after each refusal and at END-OF-MESSAGE.
+Stage: connect (history, penalty box), rcpt (recipient limit for unknown clients; only when
+``max_recipients_unknown`` is set); bookkeeping after each refusal and at END-OF-MESSAGE.
 
 What and why
     qpsmtpd's karma keeps a per-IP history of *nice* and *naughty* sessions and refuses clients
@@ -135,6 +135,10 @@ class KarmaCheck(Check[Options]):
         self.store = KarmaStore(services.state, options)
         kind, code, dsn = _ACTIONS[options.penalty_action]
         self._penalty = (kind, code, dsn)
+
+    def active_stages(self) -> frozenset[Stage]:
+        # Without a recipient limit there is nothing to do at RCPT: not run, not logged.
+        return self.stages if self.options.max_recipients_unknown else frozenset({Stage.CONNECT})
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
         if tx.client_ip is None:

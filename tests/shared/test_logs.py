@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -148,3 +149,33 @@ def test_the_part_of_a_reused_result_is_the_same_each_time_and_forced_still_show
         assert ' checks="helo:pass(reused)[tests=rfc] dnsbl:fail(forced,reused)[zone=bl]" ' in line
         decision = Decision(action=DUNNO, score=0.0, results=(other,), stage=Stage.RCPT)
         assert " checks=helo:pass(reused)[tests=strict] " in decision_line(tx, decision, "DUNNO")
+
+
+def test_a_long_log_value_is_cut_within_its_check_and_the_later_checks_still_show() -> None:
+    tx = Transaction(stage=Stage.RCPT, client_address="192.0.2.7", recipient="bob@example.com")
+    wordy = Result(check="dnsbl", verdict=Verdict.PASS, log={"reason": "x" * 1000})
+    results = (wordy, *(Result(check=f"check{n}", verdict=Verdict.PASS, log={"n": n}) for n in range(30)))
+    decision = Decision(action=DUNNO, score=0.0, results=results, stage=Stage.RCPT)
+    checks = parse_line(decision_line(tx, decision, "DUNNO"))["checks"].split(" ")
+    assert len(checks) == 31
+    assert checks[0].startswith("dnsbl:pass(0.0ms)[reason=xxx") and checks[0].endswith("...]")
+    assert len(checks[0]) == 300
+    assert checks[-1] == "check29:pass(0.0ms)[n=29]"
+
+
+def test_the_kept_part_of_a_reused_result_changes_nothing_the_result_compares_or_shows() -> None:
+    tx = Transaction(stage=Stage.RCPT, client_address="192.0.2.7", recipient="bob@example.com")
+    reused = Result(check="spf", verdict=Verdict.PASS, log={"result": "pass"}, reused=True)
+    twin = Result(check="spf", verdict=Verdict.PASS, log={"result": "pass"}, reused=True)
+    decision = Decision(action=DUNNO, score=0.0, results=(reused,), stage=Stage.RCPT)
+    first = decision_line(tx, decision, "DUNNO")
+    assert decision_line(tx, decision, "DUNNO") == first
+    assert reused == twin and repr(reused) == repr(twin)
+    assert dataclasses.replace(reused, score=-1.0).score == -1.0
+    assert " checks=spf:pass(-1,reused)[result=pass] " in decision_line(
+        tx,
+        Decision(
+            action=DUNNO, score=-1.0, results=(dataclasses.replace(reused, score=-1.0),), stage=Stage.RCPT
+        ),
+        "DUNNO",
+    )

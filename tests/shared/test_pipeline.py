@@ -298,3 +298,17 @@ async def test_a_waiting_check_sees_its_futures_exceptions_and_finishes() -> Non
     d = await decide(p)
     [r] = d.results
     assert r.verdict is Verdict.PASS and r.log == {"note": "no such thing"}
+
+
+async def test_a_check_runs_only_at_the_stages_its_options_leave_active() -> None:
+    """active_stages() narrows the class's stages; the idle stage neither runs nor logs it."""
+    both = frozenset({Stage.CONNECT, Stage.RCPT})
+    idle_at_rcpt = make_check("narrow", Behaviour(stages=both))
+    idle_at_rcpt.active_stages = lambda: frozenset({Stage.CONNECT})  # type: ignore[method-assign]
+    p = pipeline(
+        ActiveCheck(idle_at_rcpt, timeout=1),
+        ActiveCheck(make_check("wide", Behaviour(stages=both)), timeout=1),
+    )
+    assert p.has_checks(Stage.CONNECT) and p.has_checks(Stage.RCPT)
+    assert [r.check for r in (await decide(p, stage=Stage.CONNECT)).results] == ["narrow", "wide"]
+    assert [r.check for r in (await decide(p, stage=Stage.RCPT)).results] == ["wide"]

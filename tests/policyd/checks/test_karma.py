@@ -269,3 +269,10 @@ async def test_admin_allow_releases_and_box_sentences(state_store: StateStore, c
 def test_bad_options_are_refused_with_a_reason(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Options(**options)
+
+
+@pytest.mark.parametrize(("limit", "stages"), [(0, {Stage.CONNECT}), (3, {Stage.CONNECT, Stage.RCPT})])
+def test_karma_runs_at_rcpt_only_with_a_recipient_limit(
+    state_store: StateStore, clock: FrozenClock, limit: int, stages: set[Stage]
+) -> None:
+    assert make(state_store, clock, max_recipients_unknown=limit).active_stages() == stages
