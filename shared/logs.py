@@ -4,10 +4,11 @@ Every decision produces exactly one INFO line of ``key=value`` pairs, for exampl
 
     decision instance=5499.6b059fa5.c0eb7.0 queue=- client=unknown[192.0.2.7] helo=mx.example.net
       from=<alice@example.net> rcpt=<bob@example.com> state=RCPT action=DEFER_IF_PERMIT score=0
-      checks="greylist:fail(forced,0.4ms)" ms=0.6
+      checks=greylist:fail(forced,0.4ms) ms=0.6
 
 (one line in the log). Values with spaces or quotes are quoted; control characters never reach
-the log. Check words are qpsmtpd's: pass, fail, skip, error; ``(observe)`` marks a check in
+the log. A value is cut at 300 characters, except ``checks=``: there each check's part is cut
+at 300, so every verdict stays in the line. Check words are qpsmtpd's: pass, fail, skip, error; ``(observe)`` marks a check in
 observe mode, ``(forced)`` one whose action decided, ``(reused)`` a result given again from
 cached DNS answers instead of the check's time. Message bodies and credentials are never
 logged.
