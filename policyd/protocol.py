@@ -56,6 +56,10 @@ class Limits:
     max_request_size: int = 65536
 
 
+# Every byte but "=" and LF: what bytes.translate() drops to see the shape of a request.
+_NOT_SEPARATORS = bytes(b for b in range(256) if b not in b"=\n")
+
+
 class RequestParser:
     """Incremental parser: ``feed(bytes)`` returns the complete requests received so far."""
 
@@ -101,28 +105,26 @@ class RequestParser:
         if b"\x00" in block:
             raise ProtocolError("NUL byte in request")
         limits = self._limits
-        text = block.decode("utf-8", "surrogateescape")
-        lines = text.split("\n")
-        if len(lines) > limits.max_attributes:
+        count = block.count(b"\n") + 1
+        if count > limits.max_attributes:
             raise ProtocolError(f"more than {limits.max_attributes} attributes")
-        if len(text) > limits.max_line_length and max(map(len, lines)) > limits.max_line_length:
-            number = next(n for n, line in enumerate(lines, 1) if len(line) > limits.max_line_length)
-            raise ProtocolError(f"line {number} longer than {limits.max_line_length} bytes")
-        attrs: dict[str, str]
-        if text.count("=") == len(lines):
-            # The fast path (this runs for every request): no value contains "=", so one C-level
-            # split makes names and values alternate.
+        if len(block) > limits.max_line_length:
+            lines = block.split(b"\n")
+            if max(map(len, lines)) > limits.max_line_length:
+                number = next(n for n, line in enumerate(lines, 1) if len(line) > limits.max_line_length)
+                raise ProtocolError(f"line {number} longer than {limits.max_line_length} bytes")
+        text = block.decode("utf-8", "surrogateescape")
+        attrs: dict[str, str] = {}
+        if block.translate(None, _NOT_SEPARATORS) == b"=\n" * (count - 1) + b"=":
+            # The fast path (this runs for every request): every line has exactly one "=", so
+            # one C-level split makes names and values alternate. ("=" and LF are single bytes
+            # that UTF-8 and surrogateescape keep as they are.)
             parts = iter(text.replace("\n", "=").split("="))
             attrs = dict(zip(parts, parts, strict=False))
-        else:
-            try:
-                attrs = dict(line.split("=", 1) for line in lines)
-            except ValueError:
-                attrs = {}
-        if len(attrs) != len(lines) or "" in attrs:
-            # A line without "=", an empty name, or a repeated name: find out which.
+        if len(attrs) != count or "" in attrs:
+            # A value with "=", a line without one, an empty name, a repeated name: line by line.
             attrs = {}
-            for number, line in enumerate(lines, 1):
+            for number, line in enumerate(text.split("\n"), 1):
                 name, sep, value = line.partition("=")
                 if not sep or not name:
                     shown = line[:40].encode("ascii", "backslashreplace").decode()

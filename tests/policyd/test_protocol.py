@@ -76,6 +76,9 @@ def test_utf8_values_are_decoded_and_invalid_bytes_survive() -> None:
         (b"\n\n", "empty line"),
         (b"request=smtpd_access_policy\nsender=a\x00b\n\n", "NUL"),
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not name=value"),
+        # As many "=" as lines, but one line has two and another none: still line 3's fault.
+        (b"request=smtpd_access_policy\nsender=prvs=a@b\nnoequals\n\n", "line 3 is not name=value"),
+        (b"noequals\nrequest=smtpd_access_policy\nsasl_method=a=b\n\n", "line 1 is not name=value"),
     ],
 )
 def test_malformed_requests_raise_protocol_error(data: bytes, message: str) -> None:
