@@ -8,10 +8,10 @@ Every decision produces exactly one INFO line of ``key=value`` pairs, for exampl
 
 (one line in the log). Values with spaces or quotes are quoted; control characters never reach
 the log. A value is cut at 300 characters, except ``checks=``: there each check's part is cut
-at 300, so every verdict stays in the line. Check words are qpsmtpd's: pass, fail, skip, error; ``(observe)`` marks a check in
-observe mode, ``(forced)`` one whose action decided, ``(reused)`` a result given again from
-cached DNS answers instead of the check's time. Message bodies and credentials are never
-logged.
+at 300, so every verdict stays in the line. Check words are qpsmtpd's: pass, fail, skip,
+error; ``(observe)`` marks a check in observe mode, ``(forced)`` one whose action decided,
+``(reused)`` a result given again from cached DNS answers instead of the check's time.
+Message bodies and credentials are never logged.
 
 Targets (``[mxward] log_target``): ``stderr`` (systemd's journal adds the time stamp),
 ``syslog`` / ``syslog:/dev/log`` (facility ``syslog_facility``, default ``mail``: the lines land

@@ -7,8 +7,8 @@ for the earliest; a block that finishes in time only marks its entry done. The s
 ``asyncio.timeout()``'s: when the budget runs out the task is cancelled, and the block raises
 ``TimeoutError`` instead of ``CancelledError``; a cancellation from elsewhere passes through.
 
-Expiry is checked at ``resolution`` granularity at the latest (a budget may run up to that much
-longer), which is fine for budgets of seconds.
+Expiry is checked at ``resolution`` granularity (a budget may run up to twice that much longer),
+which is fine for budgets of seconds.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ __all__ = ["Watchdog"]
 
 
 class _Budget:
-    __slots__ = ("_cancelling", "_done", "_expired", "_seconds", "_task", "_watchdog", "_when")
+    __slots__ = ("_cancelling", "_done", "_expired", "_length", "_task", "_watchdog", "_when")
 
-    def __init__(self, watchdog: Watchdog, when: float, seconds: float) -> None:
+    def __init__(self, watchdog: Watchdog, when: float, length: int) -> None:
         self._watchdog = watchdog
         self._when = when
         self._task: asyncio.Task[object] | None = None
         self._done = False
         self._expired = False
         self._cancelling = 0
-        self._seconds = seconds  # its length: budgets of one length share a FIFO queue
+        self._length = length  # in resolution steps: budgets of one length share a FIFO queue
 
     async def __aenter__(self) -> Self:
         return self.enter()
@@ -75,8 +75,8 @@ class _Budget:
 class Watchdog:
     """Time budgets for the tasks of one event loop, served by one timer.
 
-    Budgets of the same length end in the order they began, so each length has a FIFO queue
-    (adding is an append); the few that do not fit a queue (a budget cut short by a request
+    Budgets of the same length (to the resolution) end in the order they began, so each length
+    has a FIFO queue (adding is an append); the few that do not fit a queue (a budget cut short by a request
     deadline, say) go to a heap. The timer is armed for the earliest end.
     """
 
@@ -84,7 +84,7 @@ class Watchdog:
 
     def __init__(self, resolution: float = 0.01) -> None:
         self._resolution = resolution
-        self._queues: dict[float, collections.deque[_Budget]] = {}
+        self._queues: dict[int, collections.deque[_Budget]] = {}
         self._heap: list[tuple[float, int, _Budget]] = []
         self._counter = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -100,14 +100,19 @@ class Watchdog:
             self._heap = []
             self._timer = None
             self._timer_when = float("inf")
-        return _Budget(self, loop.time() + seconds, seconds)
+        # The queue key is the length in resolution steps, not the exact seconds: a check's
+        # budget is what is left of it when it starts waiting, a slightly different float on
+        # every request, which would use up the queues and send the rest to the heap.
+        return _Budget(self, loop.time() + seconds, round(seconds / self._resolution))
 
     def _add(self, budget: _Budget) -> None:
         when = budget._when  # noqa: SLF001
-        queue = self._queues.get(budget._seconds)  # noqa: SLF001
+        queue = self._queues.get(budget._length)  # noqa: SLF001
         if queue is None and len(self._queues) < self._MAX_QUEUES:
-            queue = self._queues[budget._seconds] = collections.deque()  # noqa: SLF001
-        if queue is not None and (not queue or queue[-1]._when <= when):  # noqa: SLF001
+            queue = self._queues[budget._length] = collections.deque()  # noqa: SLF001
+        # Within the resolution, order does not matter: a budget that ends a little before the
+        # one queued ahead of it waits for that one, at most one resolution step.
+        if queue is not None and (not queue or queue[-1]._when <= when + self._resolution):  # noqa: SLF001
             queue.append(budget)
         else:
             heapq.heappush(self._heap, (when, next(self._counter), budget))

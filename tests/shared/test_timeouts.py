@@ -89,3 +89,15 @@ async def test_budgets_of_many_lengths_all_expire_in_time() -> None:
     assert all(-0.001 <= late < 0.2 for late in lateness), lateness
     await asyncio.sleep(0.05)
     assert dog.pending == 0
+
+
+async def test_lengths_within_the_resolution_share_one_queue() -> None:
+    """What is left of a check's budget differs a little on every request: one FIFO queue still."""
+    dog = Watchdog(resolution=0.01)
+    # Remaining budgets that shrink a little while the loop's clock stands still: the ends are
+    # not in the order of entry, but within the resolution.
+    budgets = [dog.budget(2.0 - n * 1e-5).enter() for n in range(200)]
+    assert dog.pending == 200
+    assert len(dog._queues) == 1 and not dog._heap
+    for budget in budgets:
+        assert not budget.leave()
