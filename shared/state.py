@@ -89,7 +89,8 @@ Auto-pipelining
     :class:`StateUnavailableError` and is dropped; the next batch connects anew (for Sentinel:
     asking for the current master). A connection the server closed while idle (its ``timeout``
     setting, a restart) is noticed before the next batch is sent and replaced without an error.
-    Each batch runs under one asyncio timeout; the connection has no per-read socket timeout,
+    Each batch runs under one time budget (asyncio.timeout's semantics, served by
+    :class:`mxward.shared.timeouts.Watchdog`); the connection has no per-read socket timeout,
     which would cost a timer per reply (queries to the Sentinels do use ``timeout`` as their
     socket timeout). With Cluster URLs each call is a plain redis-py cluster command (routed to its
     slot's node, ``socket_timeout = timeout``) under the same asyncio timeout.
@@ -126,6 +127,7 @@ from redis.backoff import NoBackoff
 
 from mxward.shared.aio import running_loop
 from mxward.shared.clock import Clock, SystemClock
+from mxward.shared.timeouts import Watchdog
 from mxward.shared.units import Duration
 
 if TYPE_CHECKING:
@@ -678,6 +680,7 @@ class _AutoPipeline:
         self._wakeup: asyncio.Future[None] | None = None
         self._conn: AbstractConnection | None = None
         self._closed = False
+        self._watchdog = Watchdog()
         self._task = self._loop.create_task(self._work(), name="mxward-state-pipeline")
 
     def submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
@@ -720,7 +723,8 @@ class _AutoPipeline:
                 return
             deadline = max(deadline, self._loop.time() + self._connect_budget)
         try:
-            async with asyncio.timeout_at(deadline):
+            # The Watchdog's budget is asyncio.timeout's, without arming a loop timer per batch.
+            async with self._watchdog.budget(deadline - self._loop.time()):
                 if conn is None:
                     conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
                 sent = [fut for _, fut in batch if not fut.done()]  # skip callers that gave up

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import signal
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -525,6 +526,27 @@ async def test_a_stopped_server_raises_unavailable_within_the_timeout(
     with pytest.raises(StateUnavailableError):
         await ns.get(ns.key("k"))
     assert time.monotonic() - started < store.settings.timeout + SLACK
+
+
+async def test_a_server_that_stops_answering_fails_the_call_within_the_timeout(
+    private_store: tuple[StateStore, RedisServer, FrozenClock],
+) -> None:
+    """A hung server (SIGSTOP: the connection stays open, nothing comes back): the batch's time
+    budget ends the call with StateUnavailableError, and the store works again once it resumes."""
+    store, server, clock = private_store
+    ns = store.namespace("hung")
+    await ns.set(ns.key("k"), "v", 60)
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StateUnavailableError, match="did not answer in time"):
+            await ns.get(ns.key("k"))
+        assert store.settings.timeout <= time.monotonic() - started < store.settings.timeout + SLACK
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    clock.advance(store.settings.retry_after + 1)
+    assert await ns.get(ns.key("k")) == "v"
 
 
 async def test_after_a_failure_calls_fail_fast_until_retry_after(
