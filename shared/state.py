@@ -131,7 +131,7 @@ from mxward.shared.timeouts import Watchdog
 from mxward.shared.units import Duration
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping, Sequence
     from types import TracebackType
 
     from redis.asyncio.cluster import RedisCluster
@@ -499,9 +499,14 @@ class Namespace:
         async for key in self._store._scan(self._prefix + match, count):  # noqa: SLF001
             yield key
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | float] = ()) -> Any:
-        """Run a Lua script on keys of this namespace (hash-tag them alike for Cluster)."""
-        return await self._store._run(script, [self._own(k) for k in keys], args)  # noqa: SLF001
+    def run(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | float] = ()
+    ) -> Coroutine[Any, Any, Any]:
+        """Run a Lua script on keys of this namespace (hash-tag them alike for Cluster); await it.
+
+        (The store's coroutine itself, not one wrapped around it: this is on every request.)
+        """
+        return self._store._run(script, [self._own(k) for k in keys], args)  # noqa: SLF001
 
 
 def _ttl(ttl: int) -> int:
