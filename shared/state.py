@@ -93,7 +93,7 @@ Auto-pipelining
     :class:`mxward.shared.timeouts.Watchdog`); the connection has no per-read socket timeout,
     which would cost a timer per reply (queries to the Sentinels do use ``timeout`` as their
     socket timeout). With Cluster URLs each call is a plain redis-py cluster command (routed to its
-    slot's node, ``socket_timeout = timeout``) under the same asyncio timeout.
+    slot's node, ``socket_timeout = timeout``) under an asyncio timeout of the same length.
 
 Processes and fork
     A StateStore is created once per process and passed to the checks. Neither importing this
