@@ -13,6 +13,13 @@ if ! python3 -c 'import ensurepip, venv' 2>/dev/null || ! command -v python3 >/d
 fi
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
     echo "mxward needs Python 3.11 or newer" >&2; exit 1; }
+# A C compiler and Python's headers: setup.py compiles the request path with mypyc (about a
+# sixth less CPU per policy request). MXWARD_COMPILE=0 installs pure Python and skips them.
+if [ "${MXWARD_COMPILE:-auto}" != 0 ] && { ! command -v gcc >/dev/null || ! python3 -c \
+    'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; }; then
+    apt-get update -q
+    apt-get install -y -q gcc python3-dev
+fi
 
 python3 -m venv "$prefix"
 "$prefix/bin/pip" install -q --upgrade pip

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from mxward.shared.buildinfo import build
 from mxward.shared.config import EX_CONFIG, Config, ConfigError, config_path, load_config, parse_listen
 from mxward.shared.plugin import Check, Result, load_check_class
 
@@ -685,7 +686,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="configuration file (default: $MXWARD_CONFIG, else /etc/mxward/mxward.toml)",
     )
-    top.add_argument("--version", action="version", version=f"mxward {_version()}")
+    top.add_argument("--version", action="version", version=f"mxward {_version()} ({build()})")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser(
         "run",

@@ -79,13 +79,13 @@ Failure behaviour
 Auto-pipelining
     With standalone, unix and Sentinel URLs, all calls go over one dedicated connection taken from
     redis-py's pool. Calls issued while the loop runs other tasks are queued; one worker task sends
-    the queue in one write (packed by :func:`_pack_batch`, then ``send_packed_command``) and reads
-    the replies in order straight from the connection's hiredis parser (``read_response`` for
-    Sentinel-managed connections, which turn READONLY into a reconnect), handing each to its
-    caller. While a batch is in flight the next
-    one collects. This costs a fraction of the CPU of one redis-py command per call (about 10 us
-    against about 50 us per call under load, measured on the development machine). A server
-    error answers only its own call; a broken connection fails every call of its batch with
+    the queue in one write (packed by :func:`mxward.shared.resp.pack_commands`, then
+    ``send_packed_command``) and reads the replies in order straight from the connection's hiredis
+    parser (``read_response`` for Sentinel-managed connections, which turn READONLY into a
+    reconnect), handing each to its caller. While a batch is in flight the next one collects.
+    This costs a fraction of the CPU of one redis-py command per call (about 10 us against about
+    50 us per call under load, measured on the development machine). A server error answers
+    only its own call; a broken connection fails every call of its batch with
     :class:`StateUnavailableError` and is dropped; the next batch connects anew (for Sentinel:
     asking for the current master). A connection the server closed while idle (its ``timeout``
     setting, a restart) is noticed before the next batch is sent and replaced without an error.
@@ -127,6 +127,7 @@ from redis.backoff import NoBackoff
 
 from mxward.shared.aio import running_loop
 from mxward.shared.clock import Clock, SystemClock
+from mxward.shared.resp import pack_commands
 from mxward.shared.timeouts import Watchdog
 from mxward.shared.units import Duration
 
@@ -623,52 +624,6 @@ def _fast_reader(conn: AbstractConnection) -> tuple[Any, Any] | None:
     return gets, fill
 
 
-def _pack_batch(commands: Sequence[tuple[Any, ...]]) -> bytes:
-    """RESP for a batch of commands whose arguments are str, bytes, int or float.
-
-    The same bytes redis-py's ``pack_commands`` makes, for the argument types mxward sends, at
-    a fraction of its cost (it is on every request's path). Strings are UTF-8; the surrogate
-    escapes that stand for undecodable bytes in a Postfix attribute become those bytes again.
-    Anything else raises TypeError.
-    """
-    out: list[bytes] = []
-    append = out.append
-    cache = _PACKED
-    for args in commands:
-        append(b"*%d\r\n" % len(args))
-        for arg in args:
-            if type(arg) is str:
-                piece = cache.get(arg)
-                if piece is None:
-                    data = arg.encode("utf-8", "surrogateescape")
-                    piece = b"$%d\r\n%s\r\n" % (len(data), data)
-                    if len(arg) <= _PACKED_MAX_LEN:
-                        if len(cache) >= _PACKED_MAX_ENTRIES:
-                            cache.clear()
-                        cache[arg] = piece
-                append(piece)
-                continue
-            if isinstance(arg, str):
-                data = arg.encode("utf-8", "surrogateescape")
-            elif isinstance(arg, bytes):
-                data = arg
-            elif isinstance(arg, int) and not isinstance(arg, bool):
-                data = b"%d" % arg
-            elif isinstance(arg, float):
-                data = repr(arg).encode()
-            else:
-                raise TypeError(f"cannot send {type(arg).__name__} to Redis")
-            append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-# Encoded short strings: script SHAs, command names and fixed arguments recur on every call.
-# Cleared when full, so one-off values (senders, keys) cannot crowd the recurring ones out.
-_PACKED: dict[str, bytes] = {}
-_PACKED_MAX_LEN = 64
-_PACKED_MAX_ENTRIES = 4096
-
-
 class _AutoPipeline:
     """One connection, many callers: queue calls, send each queue in one write, read in order."""
 
@@ -736,7 +691,7 @@ class _AutoPipeline:
                 if len(sent) < len(batch):
                     batch = [call for call in batch if not call[1].done()]
                 try:
-                    chunks = [_pack_batch([args for args, _ in batch])]
+                    chunks = [pack_commands([args for args, _ in batch])]
                 except TypeError:  # a value we cannot encode: let redis-py find it, send the rest
                     chunks, sent = self._pack_each(conn, batch)
                 if not sent:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mxward.shared.buildinfo import build
 from mxward.shared.config import EX_CONFIG, Config, ConfigError, parse_listen
 from mxward.shared.embedded import EmbeddedServer
 
@@ -254,8 +255,9 @@ def supervise(config: Config, load: ConfigLoader, roles: Sequence[Role], name: s
 
     for role in roles:
         log.info(
-            "mxward %s starting: %d workers, listening on %s, config %s",
+            "mxward %s starting (%s): %d workers, listening on %s, config %s",
             role.name,
+            build(),
             counts[role.name],
             ", ".join(role.listen),
             config.path or "built-in defaults",

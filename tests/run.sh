@@ -16,6 +16,10 @@ command -v p0f >/dev/null || need="$need p0f"
 # Perl's Mail::DKIM: the independent DKIM implementation the interop tests compare with.
 perl -MMail::DKIM -e1 2>/dev/null || need="$need libmail-dkim-perl"
 python3 -c 'import ensurepip, venv' 2>/dev/null || need="$need python3-venv"
+# A C compiler and Python's headers: the suite runs against the compiled request path (setup.py).
+command -v gcc >/dev/null || need="$need gcc"
+python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+    || need="$need python3-dev"
 if [ -n "$need" ]; then
     apt-get update -q
     # "No configuration": the package must not set up (or start) a system Postfix; the tests
@@ -25,6 +29,8 @@ if [ -n "$need" ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# Compile the request path or fail: the suite tests what an installation with a compiler runs.
+export MXWARD_COMPILE=1
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test,speed]' --config-settings editable_mode=strict
 

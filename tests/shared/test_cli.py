@@ -41,9 +41,9 @@ def run(
 
 
 def test_version_prints_the_package_version() -> None:
-    """`mxward --version` names the installed version."""
+    """`mxward --version` names the installed version and the build (compiled or pure Python)."""
     out = subprocess.run([MXWARD, "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout.startswith("mxward 0.")
+    assert re.fullmatch(r"mxward 0\.\S+ \((compiled|pure Python)\)\n", out.stdout), out.stdout
 
 
 def test_check_prints_the_full_decision_trace(tmp_path: Path, redis_server: Any) -> None:
