@@ -2,9 +2,9 @@
 
 mypyc, which ships with mypy, turns type-annotated Python modules into C extensions. The modules
 in COMPILED carry every policy request (protocol parser, connection loop, the service and the
-check pipeline, the decision line, budgets and the helpers they call) and run about a sixth
-faster compiled; the source stays the same Python, and an installation without a C compiler
-runs it as it is.
+check pipeline, the decision line, budgets, RESP encoding and the helpers they call); compiled,
+a policy request costs about a sixth less CPU (docs/benchmarks.md). The source stays the same
+Python, and an installation without a C compiler runs it as it is.
 
 MXWARD_COMPILE chooses:
     auto (default)  compile when mypyc and a C compiler are available, else install pure Python

@@ -913,6 +913,8 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
         ).removesuffix(","),
         "redis-server": command_output([args.redis_server, "--version"]),
         "mxward commit": commit,
+        # "mxward 0.1.0 (compiled)" or "(pure Python)": which build of the request path ran.
+        "mxward build": command_output([args.mxward, "--version"]),
         "mxward full pipeline": f"checks = {list(args.full_checks)}, settings from {args.checks_config}",
         "mxward reuse_results": "false" if args.no_reuse else "true",
         "generator": (
@@ -924,6 +926,8 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
         del env["postgrey"]
     if "spf-engine" not in servers:
         del env["spf-engine"]
+    if "mxward" not in servers:
+        del env["mxward build"]
     if ("full", "mxward") not in args.plan:
         del env["mxward full pipeline"]
     if not dns_workloads:
