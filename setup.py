@@ -26,8 +26,8 @@ from typing import Any
 from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
-# Package folder -> installed package, as [tool.setuptools] package-dir maps them.
-FOLDERS = {"policyd": "mxward/policyd", "shared": "mxward/shared", "contentfilter": "mxward/contentfilter"}
+# The package folders, installed as mxward.<folder> ([tool.setuptools] package-dir).
+FOLDERS = ("policyd", "shared", "contentfilter")
 # The request path. A module here may not define async generators (mypyc cannot compile them
 # yet) and may only be subclassed by other compiled code; tests/test_packaging.py checks the list.
 COMPILED = (
@@ -67,8 +67,9 @@ def _stage(stage: Path) -> None:
     """Copy the package folders under their installed names, which mypyc compiles them as."""
     if stage.exists():
         shutil.rmtree(stage)
-    for folder, installed in FOLDERS.items():
-        shutil.copytree(HERE / folder, stage / installed, ignore=shutil.ignore_patterns("__pycache__"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")  # not the extensions of a build before
+    for folder in FOLDERS:
+        shutil.copytree(HERE / folder, stage / "mxward" / folder, ignore=ignore)
     (stage / "mxward" / "__init__.py").write_text("")  # for mypy's module names only
 
 
@@ -91,7 +92,7 @@ def _extensions() -> list[Any]:
     cwd = os.getcwd()
     os.chdir(stage)  # mypyc names modules and writes its C files relative to the current folder
     try:
-        paths = [f"{FOLDERS[name.split('/')[0]]}/{name.split('/', 1)[1]}" for name in COMPILED]
+        paths = [f"mxward/{name}" for name in COMPILED]  # as _stage laid them out
         # Third-party imports are not installed in an isolated build; they compile as Any.
         options = ["--ignore-missing-imports", "--config-file", os.devnull]
         extensions = mypycify(options + paths, group_name="mxward.shared.native", opt_level="3")
