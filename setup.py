@@ -40,6 +40,7 @@ COMPILED = (
     "shared/matchers.py",
     "shared/netutil.py",
     "shared/pipeline.py",
+    "shared/redislink.py",
     "shared/resp.py",
     "shared/timeouts.py",
     "shared/units.py",

@@ -77,23 +77,22 @@ Failure behaviour
     store usable: a daemon may start anyway and will find Redis when it comes back.
 
 Auto-pipelining
-    With standalone, unix and Sentinel URLs, all calls go over one dedicated connection taken from
-    redis-py's pool. Calls issued while the loop runs other tasks are queued; one worker task sends
-    the queue in one write (packed by :func:`mxward.shared.resp.pack_commands`, then
-    ``send_packed_command``) and reads the replies in order straight from the connection's hiredis
-    parser (``read_response`` for Sentinel-managed connections, which turn READONLY into a
-    reconnect), handing each to its caller. While a batch is in flight the next one collects.
-    This costs a fraction of the CPU of one redis-py command per call (about 10 us against about
-    50 us per call under load, measured on the development machine). A server error answers
-    only its own call; a broken connection fails every call of its batch with
-    :class:`StateUnavailableError` and is dropped; the next batch connects anew (for Sentinel:
-    asking for the current master). A connection the server closed while idle (its ``timeout``
-    setting, a restart) is noticed before the next batch is sent and replaced without an error.
-    Each batch runs under one time budget (asyncio.timeout's semantics, served by
-    :class:`mxward.shared.timeouts.Watchdog`); the connection has no per-read socket timeout,
-    which would cost a timer per reply (queries to the Sentinels do use ``timeout`` as their
-    socket timeout). With Cluster URLs each call is a plain redis-py cluster command (routed to its
-    slot's node, ``socket_timeout = timeout``) under an asyncio timeout of the same length.
+    With standalone, unix and Sentinel URLs, all calls of a process go over one connection
+    (:class:`mxward.shared.redislink.Link`, compiled). A call is encoded when it is made and
+    queued; the queue is written with one write at the end of the event-loop turn, so the calls
+    of all requests that reached Redis in one turn travel together, and the replies are handed
+    to the callers in order from the connection's read callback. This costs a fraction of the
+    CPU of one redis-py command per call. A server error answers only its own call (READONLY,
+    LOADING and MASTERDOWN, which say that this server cannot serve us now, also drop the
+    connection, so that the next call asks the Sentinels for the current master); a broken
+    connection fails every call sent on it with :class:`StateUnavailableError`, and the next
+    call connects anew. A connection the server closed while idle (its ``timeout`` setting, a
+    restart) is replaced without an error. One loop timer watches the oldest unanswered call:
+    when it is older than ``timeout``, every unanswered call fails and the connection is dropped.
+    redis-py opens each connection (TLS, AUTH, SELECT, CLIENT SETNAME, the Sentinel query, with
+    ``timeout`` as the Sentinels' socket timeout) and hands its transport over. With Cluster
+    URLs each call is a plain redis-py cluster command (routed to its slot's node,
+    ``socket_timeout = timeout``) under an asyncio timeout of the same length.
 
 Processes and fork
     A StateStore is created once per process and passed to the checks. Neither importing this
@@ -114,6 +113,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import hiredis
 import redis.exceptions as rex
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -125,14 +125,12 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from mxward.shared.aio import running_loop
 from mxward.shared.clock import Clock, SystemClock
-from mxward.shared.resp import pack_commands
-from mxward.shared.timeouts import Watchdog
+from mxward.shared.redislink import Connected, Link
 from mxward.shared.units import Duration
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
     from types import TracebackType
 
     from redis.asyncio.cluster import RedisCluster
@@ -502,10 +500,10 @@ class Namespace:
 
     def run(
         self, script: Script, keys: Sequence[str], args: Sequence[str | float] = ()
-    ) -> Coroutine[Any, Any, Any]:
+    ) -> Awaitable[Any]:
         """Run a Lua script on keys of this namespace (hash-tag them alike for Cluster); await it.
 
-        (The store's coroutine itself, not one wrapped around it: this is on every request.)
+        (The reply's future itself, not a coroutine wrapped around it: this is on every request.)
         """
         return self._store._run(script, [self._own(k) for k in keys], args)  # noqa: SLF001
 
@@ -596,210 +594,103 @@ class _Breaker:
 # Back ends: auto-pipelined (standalone, unix, Sentinel) and Cluster
 
 
-_Call = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
+class _StoreHooks:
+    """What the connection's :class:`~mxward.shared.redislink.Link` asks of the store."""
 
+    __slots__ = ("_breaker",)
 
-try:
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-except ImportError:  # another redis-py layout: the generic read path is used
-    _NOT_ENOUGH_DATA = object()
-
-
-def _fast_reader(conn: AbstractConnection) -> tuple[Any, Any] | None:
-    """``(gets, fill)`` of redis-py's hiredis parser on this connection, or None.
-
-    Reading the replies of a batch straight from the parser skips several coroutine layers per
-    reply (redis-py's per-read timeout handling, which the batch's own deadline replaces). Used
-    only when the parser has the expected shape; otherwise ``read_response`` is used.
-    """
-    if type(conn).read_response is not AbstractConnection.read_response:
-        # Sentinel-managed connections turn READONLY into a reconnect in read_response: keep it.
-        return None
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    fill = getattr(parser, "read_from_socket", None)
-    gets = getattr(reader, "gets", None)
-    if gets is None or fill is None or _NOT_ENOUGH_DATA is None:
-        return None
-    return gets, fill
-
-
-class _AutoPipeline:
-    """One connection, many callers: queue calls, send each queue in one write, read in order."""
-
-    def __init__(
-        self, pool: ConnectionPool, breaker: _Breaker, timeout: float, connect_timeout: float
-    ) -> None:
-        self._pool = pool
+    def __init__(self, breaker: _Breaker) -> None:
         self._breaker = breaker
-        self._timeout = timeout
-        self._connect_budget = connect_timeout + timeout
-        self._loop = running_loop()
-        self._queue: list[_Call] = []
-        self._since = 0.0  # loop time of the oldest queued call
-        self._wakeup: asyncio.Future[None] | None = None
-        self._conn: AbstractConnection | None = None
-        self._closed = False
-        self._watchdog = Watchdog()
-        self._task = self._loop.create_task(self._work(), name="mxward-state-pipeline")
 
-    def submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        if self._closed:
-            raise StateError("the state store is closed")
-        fut = self._loop.create_future()
-        if not self._queue:
-            self._since = self._loop.time()
-            wakeup = self._wakeup
-            if wakeup is not None and not wakeup.done():
-                wakeup.set_result(None)
-        self._queue.append((args, fut))
-        return fut
+    def translate(self, exc: BaseException) -> BaseException:
+        return _translate(exc)
 
-    async def _work(self) -> None:
-        batch: list[_Call] = []
+    def unavailable(self, message: str) -> BaseException:
+        return StateUnavailableError(message)
+
+    def is_unavailable(self, error: BaseException) -> bool:
+        return isinstance(error, StateUnavailableError)
+
+    def is_noscript(self, exc: BaseException) -> bool:
+        return isinstance(exc, rex.NoScriptError)
+
+    def closed(self) -> BaseException:
+        return StateUnavailableError("the state store was closed")
+
+    def trip(self, reason: str) -> None:
+        self._breaker.trip(reason)
+
+    def waiting(self) -> bool:
+        return self._breaker.waiting()
+
+    def window_error(self) -> BaseException:
+        return self._breaker.error()
+
+
+def _opener(pool: ConnectionPool) -> Callable[[], Awaitable[Connected]]:
+    """Open a connection with redis-py (handshake, TLS, Sentinel) and hand over its transport."""
+
+    async def connect() -> Connected:
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            while True:
-                if not self._queue:
-                    self._wakeup = self._loop.create_future()
-                    await self._wakeup
-                    self._wakeup = None
-                batch, self._queue = self._queue, []
-                await self._run(batch, self._since + self._timeout)
-                batch = []
-        except asyncio.CancelledError:
-            closed = StateUnavailableError("the state store was closed")
-            self._fail(batch + self._queue, closed)
-            self._queue = []
+            transport, reader = _take_over(conn)
+        except BaseException:
+            await _release(pool, conn)
             raise
 
-    async def _run(self, batch: list[_Call], deadline: float) -> None:
-        conn = self._conn
-        if conn is not None and await self._dirty(conn):
-            await self._drop()  # closed by the server while idle (its timeout, a restart): reconnect
-            conn = None
-        if conn is None:
-            if self._breaker.waiting():
-                self._fail(batch, self._breaker.error())
-                return
-            deadline = max(deadline, self._loop.time() + self._connect_budget)
-        try:
-            # The Watchdog's budget is asyncio.timeout's, without arming a loop timer per batch.
-            async with self._watchdog.budget(deadline - self._loop.time()):
-                if conn is None:
-                    conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-                sent = [fut for _, fut in batch if not fut.done()]  # skip callers that gave up
-                if len(sent) < len(batch):
-                    batch = [call for call in batch if not call[1].done()]
-                try:
-                    chunks = [pack_commands([args for args, _ in batch])]
-                except TypeError:  # a value we cannot encode: let redis-py find it, send the rest
-                    chunks, sent = self._pack_each(conn, batch)
-                if not sent:
-                    return
-                await conn.send_packed_command(chunks, check_health=False)
-                fast = _fast_reader(conn)
-                for fut in sent:
-                    try:
-                        if fast is None:
-                            reply = await conn.read_response()
-                        else:
-                            gets, fill = fast
-                            reply = gets()
-                            while reply is _NOT_ENOUGH_DATA:
-                                await fill()
-                                reply = gets()
-                            if isinstance(reply, BaseException):
-                                raise reply
-                    except rex.ResponseError as exc:  # a server error answers one call only
-                        if not fut.done():
-                            fut.set_exception(_translate(exc))
-                        continue
-                    if not fut.done():
-                        fut.set_result(reply)
-        except (rex.RedisError, OSError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError):
-                error: StateError = StateUnavailableError(
-                    f"state store did not answer in time (timeout {self._timeout:g}s)"
-                )
-                error.__cause__ = exc
-            else:
-                error = _translate(exc)
-            if isinstance(error, StateUnavailableError):
-                self._breaker.trip(str(error))
-            await self._drop()
-            self._fail(batch, error)
-        except Exception as exc:  # a bug: keep the worker alive, fail the batch
-            log.exception("state store pipeline failed")
-            await self._drop()
-            error = StateError(f"state store internal error: {exc!r}")
-            error.__cause__ = exc
-            self._fail(batch, error)
+        async def release() -> None:
+            await _release(pool, conn)
 
-    @staticmethod
-    async def _dirty(conn: AbstractConnection) -> bool:
-        """True if an idle connection has unread bytes or EOF: it cannot carry the next batch."""
-        try:
-            return bool(await conn.can_read())
-        except (rex.RedisError, OSError):
-            return True
+        return Connected(transport, reader, release)
 
-    @staticmethod
-    def _pack_each(
-        conn: AbstractConnection, batch: list[_Call]
-    ) -> tuple[list[bytes], list[asyncio.Future[Any]]]:
-        chunks: list[bytes] = []
-        sent: list[asyncio.Future[Any]] = []
-        for args, fut in batch:
-            try:
-                chunks += conn.pack_command(*args)
-            except rex.DataError as exc:
-                fut.set_exception(_translate(exc))
-                continue
-            sent.append(fut)
-        return chunks, sent
+    return connect
 
-    @staticmethod
-    def _fail(batch: list[_Call], error: StateError) -> None:
-        """Fail every waiting call, each with its own exception object (tracebacks stay apart)."""
-        for _, fut in batch:
-            if not fut.done():
-                copy = type(error)(*error.args)
-                copy.__cause__ = error.__cause__
-                fut.set_exception(copy)
 
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.disconnect(nowait=True)
-            finally:
-                await self._pool.release(conn)
+def _take_over(conn: AbstractConnection) -> tuple[asyncio.BaseTransport, Any]:
+    """The transport of a freshly opened redis-py connection, and a reply reader like its own."""
+    writer = getattr(conn, "_writer", None)
+    stream = getattr(conn, "_reader", None)
+    parser = getattr(conn, "_parser", None)
+    if writer is None or stream is None or parser is None:
+        raise StateError("this redis-py keeps its connection elsewhere: unsupported version")
+    if stream.at_eof() or getattr(stream, "_buffer", b""):
+        raise rex.ConnectionError("the new connection has unread data or is closed")
+    reader = hiredis.Reader(
+        protocolError=rex.InvalidResponse,
+        replyError=parser.parse_error,
+        encoding=conn.encoder.encoding,
+        errors=conn.encoder.encoding_errors,
+    )
+    return writer.transport, reader
 
-    async def aclose(self) -> None:
-        self._closed = True
-        self._task.cancel()
-        await asyncio.wait([self._task])  # our own cancellation still propagates
-        try:
-            await self._drop()
-        finally:
-            await self._pool.aclose()
+
+async def _release(pool: ConnectionPool, conn: AbstractConnection) -> None:
+    try:
+        await conn.disconnect(nowait=True)
+    except (rex.RedisError, OSError):
+        pass
+    finally:
+        await pool.release(conn)
 
 
 class _PipelinedBackend:
-    def __init__(self, pool: ConnectionPool, pipeline: _AutoPipeline, sentinel: Sentinel | None) -> None:
+    def __init__(self, pool: ConnectionPool, link: Link, sentinel: Sentinel | None) -> None:
         self.pool = pool
-        self.pipeline = pipeline
+        self.link = link
         self._sentinel = sentinel  # its clients query the sentinels; closed with us
 
     def submit(self, args: tuple[Any, ...]) -> Awaitable[Any]:
-        return self.pipeline.submit(args)
+        return self.link.submit(args)
 
     async def aclose(self) -> None:
         try:
-            await self.pipeline.aclose()
+            await self.link.aclose()
         finally:
-            if self._sentinel is not None:
-                await self._sentinel.aclose()
+            try:
+                await self.pool.aclose()
+            finally:
+                if self._sentinel is not None:
+                    await self._sentinel.aclose()
 
 
 class _ClusterBackend:
@@ -953,8 +844,8 @@ class StateStore:
             host, port = url.hosts[0]
             conn_class = SSLConnection if url.tls else Connection
             pool = ConnectionPool(connection_class=conn_class, host=host, port=port, db=url.db, **kwargs)
-        pipeline = _AutoPipeline(pool, self._breaker, settings.timeout, settings.connect_timeout)
-        return _PipelinedBackend(pool, pipeline, sentinel)
+        link = Link(_opener(pool), _StoreHooks(self._breaker), settings.timeout, settings.connect_timeout)
+        return _PipelinedBackend(pool, link, sentinel)
 
     # -- namespaces, declarations, scripts ---------------------------------------------------
 
@@ -1006,8 +897,15 @@ class StateStore:
         """Round trip to the server; StateUnavailableError if it does not answer."""
         await self._call("PING")
 
-    async def _call(self, *args: Any) -> Any:
-        """Send one command under the time limit and the fail-fast window."""
+    def _call(self, *args: Any) -> Awaitable[Any]:
+        """Send one command under the time limit and the fail-fast window; await the reply."""
+        backend = self._backend
+        if isinstance(backend, _PipelinedBackend) and not self._breaker.open:
+            return backend.link.submit(args)  # the link trips the window itself
+        return self._call_guarded(args)
+
+    async def _call_guarded(self, args: tuple[Any, ...], source: str | None = None) -> Any:
+        """A call through the fail-fast window: one probe when it has passed, else fail fast."""
         backend = self._backend
         if backend is None:
             raise StateError("the state store is not connected (call connect() first)")
@@ -1017,7 +915,12 @@ class StateStore:
             breaker.admit()
             probe = True
         try:
-            reply = await backend.submit(args)
+            if isinstance(backend, _PipelinedBackend):
+                reply = await backend.link.submit(args, source)
+            elif source is not None:
+                reply = await self._run_cluster(backend, args, source)
+            else:
+                reply = await backend.submit(args)
         except StateUnavailableError as exc:
             breaker.trip(str(exc))
             raise
@@ -1033,13 +936,21 @@ class StateStore:
             breaker.reset()
         return reply
 
-    async def _run(self, script: Script, keys: list[str], args: Sequence[str | float]) -> Any:
+    def _run(self, script: Script, keys: list[str], args: Sequence[str | float]) -> Awaitable[Any]:
         if self._scripts.get(script.name) is not script:
             self.register(script)
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        backend = self._backend
+        if isinstance(backend, _PipelinedBackend) and not self._breaker.open:
+            return backend.link.submit(command, script.source)  # EVAL on NOSCRIPT, by the link
+        return self._call_guarded(command, script.source)
+
+    @staticmethod
+    async def _run_cluster(backend: _ClusterBackend, command: tuple[Any, ...], source: str) -> Any:
         try:
-            return await self._call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await backend.submit(command)
         except _NoScriptError:
-            return await self._call("EVAL", script.source, len(keys), *keys, *args)
+            return await backend.submit(("EVAL", source, *command[2:]))
 
     async def _delete(self, keys: list[str]) -> int:
         if self.is_cluster and len(keys) > 1:  # DEL of keys in several slots is refused

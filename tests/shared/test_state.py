@@ -489,7 +489,7 @@ async def test_concurrent_calls_share_one_connection_and_few_writes(
 async def test_a_caller_that_gives_up_does_not_disturb_the_batch(state_store: StateStore) -> None:
     """Cancelling one waiting call leaves the other calls of its batch with correct replies."""
     ns = state_store.namespace("pipe")
-    tasks = [asyncio.create_task(ns.run(ECHO, [], [str(i)])) for i in range(50)]
+    tasks = [asyncio.ensure_future(ns.run(ECHO, [], [str(i)])) for i in range(50)]
     tasks[10].cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[10], asyncio.CancelledError)
