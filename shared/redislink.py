@@ -280,9 +280,7 @@ class Link:
                 async with asyncio.timeout(self._connect_budget):
                     connected = await self._connect()
             except TimeoutError as exc:
-                error = hooks.unavailable(
-                    f"state store did not answer in time (timeout {self._timeout:g}s)"
-                )
+                error = hooks.unavailable(f"state store did not answer in time (timeout {self._timeout:g}s)")
                 error.__cause__ = exc
                 hooks.trip(str(error))
                 self._fail_queued(error)

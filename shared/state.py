@@ -498,9 +498,7 @@ class Namespace:
         async for key in self._store._scan(self._prefix + match, count):  # noqa: SLF001
             yield key
 
-    def run(
-        self, script: Script, keys: Sequence[str], args: Sequence[str | float] = ()
-    ) -> Awaitable[Any]:
+    def run(self, script: Script, keys: Sequence[str], args: Sequence[str | float] = ()) -> Awaitable[Any]:
         """Run a Lua script on keys of this namespace (hash-tag them alike for Cluster); await it.
 
         (The reply's future itself, not a coroutine wrapped around it: this is on every request.)
