@@ -178,7 +178,8 @@ class PolicyService:
             message = self._message(tx.instance)
             if len(message.decisions) < 100:
                 word = text.split(" ", 1)[0]
-                message.decisions.append(f"rcpt=<{tx.recipient}> {word} score={decision.score:g}")
+                recipient: str = tx.recipient
+                message.decisions.append("rcpt=<" + recipient + "> " + word + f" score={decision.score:g}")
             return
         if decision.stage not in (Stage.DATA, Stage.END_OF_MESSAGE) or not tx.queue_id or self.facts is None:
             return

@@ -34,11 +34,27 @@ from mxward.shared.plugin import Action, Decision, LogValue, Result, Transaction
 
 __all__ = ["LineHandler", "bound_part", "checks_value", "decision_line", "info_line", "kv", "setup_logging"]
 
-# Values made only of these characters are logged bare. (fullmatch of the positive class is
-# about twice as fast as searching for a character outside it.)
+# Values made only of these characters are logged bare (the definition; _safe() tests it).
 _SAFE = re.compile(r"[A-Za-z0-9.\-_:@/+\[\]<>,()=*#%!?&~^{}|$']*")
 _VALUE_MAX = 300  # characters of one logged value
 _PART_MAX = 300  # characters of one check's part of checks=
+
+
+def _safe(text: str) -> bool:
+    """True if ``text`` is logged bare: only characters of ``_SAFE``.
+
+    Those are the printable ASCII characters but space, ``"``, ``;``, ``\\`` and backquote; the
+    string methods below test that in a fraction of the regex's time (``isascii`` reads a flag).
+    """
+    return (
+        text.isascii()
+        and text.isprintable()
+        and " " not in text
+        and '"' not in text
+        and "\\" not in text
+        and ";" not in text
+        and "`" not in text
+    )
 
 
 def kv(value: LogValue) -> str:
@@ -53,7 +69,7 @@ def kv(value: LogValue) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     text = str(value)
-    if _SAFE.fullmatch(text) is not None:
+    if _safe(text):
         return text
     if len(text) > _VALUE_MAX:
         text = text[:_VALUE_MAX] + "..."
@@ -84,7 +100,7 @@ def checks_value(parts: list[str]) -> str:
     if not parts:
         return "-"
     text = " ".join(parts)
-    return text if _SAFE.fullmatch(text) is not None else _quoted(text)
+    return text if _safe(text) else _quoted(text)
 
 
 def bound_part(part: str) -> str:
@@ -102,9 +118,12 @@ def _part(r: Result, forced: Action) -> str:
     elif r.action is not None and r.action is forced:
         extra = "forced," + extra
     # (_value_ is the Enum's plain attribute; .value is a slower property)
-    part = f"{r.check}:{r.verdict._value_}({extra})"
+    check: str = r.check
+    verdict: str = r.verdict._value_
+    part = check + ":" + verdict + "(" + extra + ")"
     if r.log:
-        part = bound_part(part + "[" + " ".join([f"{k}={v}" for k, v in r.log.items()]) + "]")
+        items = [k + "=" + (value if isinstance(value, str) else str(value)) for k, value in r.log.items()]
+        part = bound_part(part + "[" + " ".join(items) + "]")
     return part
 
 
@@ -112,6 +131,9 @@ def _part(r: Result, forced: Action) -> str:
 # part is made once and kept in the object itself, under a name that is not a field: equality,
 # repr and dataclasses.replace look at fields only.
 _PART_ATTR = "_logged_part"
+
+# The logged form of each reply text seen lately (rejections and deferrals repeat their texts).
+_REPLIES: dict[str, str] = {}
 
 
 def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:
@@ -138,21 +160,31 @@ def decision_line(tx: Transaction, decision: Decision, action_text: str) -> str:
         tx.protocol_state,
         action_word,
     ]
-    # One search over all eight values (joined by a safe character) instead of one each: on
+    # One test over all eight values (joined by a safe character) instead of one each: on
     # nearly every request none needs quoting, and only empty values become "-".
-    if _SAFE.fullmatch("=".join(fields)) is not None:
-        instance, queue, client, helo, sender, rcpt, state, word = [f or "-" for f in fields]
+    if _safe("=".join(fields)):
+        v: list[str] = [f or "-" for f in fields]
     else:
-        instance, queue, client, helo, sender, rcpt, state, word = map(kv, fields)
-    line = (
-        f"decision instance={instance} queue={queue} client={client} helo={helo} from={sender}"
-        f" rcpt={rcpt} state={state} action={word} score={decision.score:g}"
-    )
-    if decision.exempt:
-        line += f" exempt={decision.exempt}"
-    line += f" checks={checks_value(parts)} ms={decision.elapsed_ms:.1f}"
+        v = [kv(f) for f in fields]
+    # (One join of str pieces: compiled, an f-string would call str.format for each value.)
+    line = "".join(
+        [
+            "decision instance=", v[0], " queue=", v[1], " client=", v[2], " helo=", v[3],
+            " from=", v[4], " rcpt=", v[5], " state=", v[6], " action=", v[7],
+            f" score={decision.score:g}",
+        ]
+    )  # fmt: skip
+    exempt: str = decision.exempt
+    if exempt:
+        line += " exempt=" + exempt
+    line += " checks=" + checks_value(parts) + f" ms={decision.elapsed_ms:.1f}"
     if action_word not in ("DUNNO", "PREPEND"):
-        line += f" reply={kv(action_text)}"
+        reply = _REPLIES.get(action_text)
+        if reply is None:  # a few distinct texts (deferrals count their seconds): keep them
+            if len(_REPLIES) >= 1024:
+                _REPLIES.clear()
+            reply = _REPLIES[action_text] = kv(action_text)
+        line += " reply=" + reply
     return line
 
 
@@ -198,7 +230,10 @@ class LineHandler(logging.Handler):
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             self._ident = f"{self.ident}[{os.getpid()}]:"
-        return f"{self._stamp},{int((now - second) * 1000):03d} {self._ident} {level} "
+        stamp: str = self._stamp
+        ident: str = self._ident
+        millis = str(int((now - second) * 1000) + 1000)[1:]  # 0..999 as three digits
+        return f"{stamp},{millis} {ident} {level} "
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mxward.shared.logs import decision_line, kv
+from mxward.shared.logs import _SAFE, _safe, decision_line, kv
 from mxward.shared.plugin import DUNNO, Action, Decision, Result, Stage, Transaction, Verdict
 
 _TOKEN = re.compile(r' ?([a-z]+)=("(?:[^"\\]|\\.)*"|[^ "]*)')
@@ -179,3 +179,27 @@ def test_the_kept_part_of_a_reused_result_changes_nothing_the_result_compares_or
         ),
         "DUNNO",
     )
+
+
+def test_the_quick_safety_test_matches_the_safe_characters_for_every_code_point_up_to_0x3ff() -> None:
+    """_safe() (string methods) and _SAFE (the definition) agree on every single character."""
+    for code in range(0x400):
+        ch = chr(code)
+        assert _safe(ch) == (_SAFE.fullmatch(ch) is not None), repr(ch)
+        assert _safe(f"a{ch}b") == (_SAFE.fullmatch(f"a{ch}b") is not None), repr(ch)
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x2FF), max_size=60))
+def test_the_quick_safety_test_matches_the_safe_characters_for_any_text(text: str) -> None:
+    assert _safe(text) == (_SAFE.fullmatch(text) is not None)
+
+
+def test_a_reply_text_is_quoted_the_same_from_the_memo() -> None:
+    """The decision line keeps the logged form of reply texts: the second line equals the first."""
+    tx = Transaction(stage=Stage.RCPT, client_address="192.0.2.7", instance="i1", protocol_state="RCPT")
+    action = Action.defer_if_permit('Greylisted "now", retry in 300 seconds')
+    decision = Decision(action=action, score=0.0, results=(), stage=Stage.RCPT)
+    text = f"DEFER_IF_PERMIT 4.7.1 {action.text}"
+    first = decision_line(tx, decision, text)
+    assert first == decision_line(tx, decision, text)
+    assert first.endswith(' reply="DEFER_IF_PERMIT 4.7.1 Greylisted \\"now\\", retry in 300 seconds"')
