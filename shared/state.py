@@ -503,7 +503,11 @@ class Namespace:
 
         (The reply's future itself, not a coroutine wrapped around it: this is on every request.)
         """
-        return self._store._run(script, [self._own(k) for k in keys], args)  # noqa: SLF001
+        prefix = self._prefix
+        for key in keys:
+            if not key.startswith(prefix) or len(key) == len(prefix):
+                self._own(key)  # raises ValueError with the reason
+        return self._store._run(script, keys, args)  # noqa: SLF001
 
 
 def _ttl(ttl: int) -> int:
@@ -934,7 +938,7 @@ class StateStore:
             breaker.reset()
         return reply
 
-    def _run(self, script: Script, keys: list[str], args: Sequence[str | float]) -> Awaitable[Any]:
+    def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | float]) -> Awaitable[Any]:
         if self._scripts.get(script.name) is not script:
             self.register(script)
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)

@@ -257,6 +257,7 @@ class GreylistCheck(Check[Options]):
         self._deferrals: dict[int, Action] = {}
         state = services.state
         self._ns = state.namespace(self.name)
+        self._prefix = self._ns.prefix
         self._script = state.script(_SCRIPT)
         max_age = format_duration(options.max_age)
         state.declare(
@@ -289,7 +290,11 @@ class GreylistCheck(Check[Options]):
         return network_text(tx.client_ip, self.options.ipv4_prefix, self.options.ipv6_prefix)
 
     def triplet_keys(self, net: str, sender: str, recipient: str) -> tuple[str, str]:
-        return (self._ns.key("t", f"{sender}/{recipient}", tag=net), self._ns.key("c", tag=net))
+        """The triplet's key and its client's, as ``ns.key`` builds them (inline: every request)."""
+        if not net or "{" in net or "}" in net:
+            self._ns.key(tag=net)  # raises ValueError with the reason
+        head = f"{self._prefix}{{{net}}}:"
+        return (f"{head}t:{sender}/{recipient}", head + "c")
 
     def _allowed(self, tx: Transaction) -> str:
         if tx.client_ip in self._networks:
