@@ -110,15 +110,15 @@ RFCs: RFC 6647 (greylisting), RFC 5321 section 4.5.4.1 (retry intervals).
 
 from __future__ import annotations
 
-import email.utils
 import re
 import string
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mxward.shared.matchers import AddressList, DomainList, TextList, split_address
-from mxward.shared.netutil import NetworkList, mask_address, network_text
-from mxward.shared.plugin import Action, Check, Result, Services, Stage, Transaction, Verdict
+from mxward.policyd.checks.greylist_triplet import Triplets, normalise_sender
+from mxward.shared.matchers import AddressList, DomainList, TextList
+from mxward.shared.netutil import NetworkList, mask_address
+from mxward.shared.plugin import Check, Result, Services, Stage, Transaction
 from mxward.shared.units import Duration, format_duration
 
 __all__ = ["GreylistCheck", "Options", "normalise_sender"]
@@ -219,26 +219,6 @@ class Options:
         TextList(self.only_os, "only_os")
 
 
-_BATV = re.compile(r"^(?:prvs|msprvs\d?)=[^=@]*=|^btv1==[^=@]*==", re.IGNORECASE)
-_DIGITS = re.compile(r"\d+")
-
-
-def normalise_sender(
-    sender: str, *, delimiter: str = "+", strip_batv: bool = True, strip_verp: bool = True
-) -> str:
-    """The sender as the triplet keeps it (postgrey's normalisation)."""
-    local, domain = split_address(sender)
-    if not local and not domain:
-        return ""
-    if strip_batv and "=" in local:  # every BATV form has an "="
-        local = _BATV.sub("", local)
-    if delimiter:
-        local = local.split(delimiter, 1)[0]
-    if strip_verp:
-        local = _DIGITS.sub("#", local)
-    return f"{local}@{domain}" if domain else local
-
-
 class GreylistCheck(Check[Options]):
     name: ClassVar[str] = "greylist"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.RCPT})
@@ -248,17 +228,8 @@ class GreylistCheck(Check[Options]):
 
     def __init__(self, options: Options, services: Services) -> None:
         super().__init__(options, services)
-        self._networks = NetworkList(options.allow_networks)
-        self._hostnames = DomainList(options.allow_client_hostnames)
-        self._recipients = AddressList(options.allow_recipients)
-        self._sender_domains = DomainList(options.allow_sender_domains)
-        self._countries = frozenset(c.upper() for c in options.skip_countries)
-        self._os = TextList(options.only_os, "only_os") if options.only_os else None
-        self._deferrals: dict[int, Action] = {}
         state = services.state
         self._ns = state.namespace(self.name)
-        self._prefix = self._ns.prefix
-        self._script = state.script(_SCRIPT)
         max_age = format_duration(options.max_age)
         state.declare(
             self.name,
@@ -267,110 +238,33 @@ class GreylistCheck(Check[Options]):
             "greylist triplet: first, last, passes, seen, s (sender), r (recipient)",
         )
         state.declare(self.name, "{NET}:c", max_age, "auto-allow counter: count, counted, last")
-        self._args = (
-            str(int(options.delay)),
-            str(int(options.retry_window)),
-            str(int(options.max_age)),
-            str(options.auto_allow_clients),
-            str(int(options.auto_allow_interval)),
+        ns = self._ns
+        self._triplets = Triplets(
+            options=options,
+            prefix=ns.prefix,
+            run=ns.run,
+            script=state.script(_SCRIPT),
+            now=services.clock.now,
+            hostname=services.hostname,
+            validate_tag=lambda tag: ns.key(tag=tag),
         )
-
-    def _deferral(self, seconds: int) -> Action:
-        """The DEFER_IF_PERMIT action for a wait of ``seconds`` (made once per distinct wait)."""
-        action = self._deferrals.get(seconds)
-        if action is None:
-            text = self.options.reply_text.format(seconds=max(seconds, 1))
-            if len(self._deferrals) >= 4096:  # "early" waits count down: bound the memo
-                self._deferrals.clear()
-            action = self._deferrals[seconds] = Action.defer_if_permit(text, self.options.dsn)
-        return action
+        # Every request goes straight to the compiled work (greylist_triplet.py), without a
+        # coroutine of this class around it; check() below says the same for readers and tools.
+        self.check = self._triplets.check  # type: ignore[method-assign]
 
     def network(self, tx: Transaction) -> str:
-        assert tx.client_ip is not None
-        return network_text(tx.client_ip, self.options.ipv4_prefix, self.options.ipv6_prefix)
+        return self._triplets.network(tx)
+
+    def normalise(self, sender: str) -> str:
+        """The sender as this check's triplets keep it (its options' normalisation)."""
+        return self._triplets.normalise(sender)
 
     def triplet_keys(self, net: str, sender: str, recipient: str) -> tuple[str, str]:
-        """The triplet's key and its client's, as ``ns.key`` builds them (inline: every request)."""
-        if not net or "{" in net or "}" in net:
-            self._ns.key(tag=net)  # raises ValueError with the reason
-        head = f"{self._prefix}{{{net}}}:"
-        return (f"{head}t:{sender}/{recipient}", head + "c")
-
-    def _allowed(self, tx: Transaction) -> str:
-        if tx.client_ip in self._networks:
-            return "network"
-        if self._hostnames and tx.client_name != "unknown" and self._hostnames.matches(tx.client_name):
-            return "client_name"
-        if self._recipients and self._recipients.matches(tx.recipient):
-            return "recipient"
-        if self._sender_domains and self._sender_domains.matches(split_address(tx.sender)[1]):
-            return "sender_domain"
-        facts = tx.facts
-        if not facts:
-            return "os" if self._os is not None else ""
-        opts = self.options
-        if opts.skip_good_karma and facts.get("karma.good"):
-            return "karma"
-        if opts.skip_dnswl and facts.get("dnswl.trusted"):
-            return "dnswl"
-        if self._countries and str(facts.get("geoip.country", "")).upper() in self._countries:
-            return "country"
-        if self._os is not None:
-            genre = facts.get("p0f.genre")
-            if not genre or not self._os.matches(str(genre), str(facts.get("p0f.os") or "")):
-                return "os"
-        return ""
+        """The triplet's key and its client's, as ``ns.key`` builds them."""
+        return self._triplets.keys(net, sender, recipient)
 
     async def check(self, stage: Stage, tx: Transaction) -> Result:
-        if tx.client_ip is None:
-            return self.result(Verdict.SKIP, note="no client address")
-        if not tx.recipient:
-            return self.result(Verdict.SKIP, note="no recipient")
-        allowed = self._allowed(tx)
-        if allowed:
-            return self.result(Verdict.SKIP, facts={"greylist.status": "allowed"}, allowed=allowed)
-        opts = self.options
-        sender = normalise_sender(
-            tx.sender,
-            delimiter=opts.recipient_delimiter,
-            strip_batv=opts.strip_batv,
-            strip_verp=opts.strip_verp,
-        )
-        recipient = tx.recipient.lower()
-        pool = tx.facts.get("spf.pass_domain") if opts.spf_pool and tx.facts else None
-        net = f"spf:{str(pool).lower()}" if pool else self.network(tx)
-        now = int(self.services.clock.now())
-        reply = await self._ns.run(
-            self._script,
-            keys=self.triplet_keys(net, sender, recipient),
-            args=(str(now), *self._args, sender, recipient),
-        )
-        status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        value = int(reply[1])
-        if status in ("new", "early"):
-            action = self._deferral(value)
-            return self.result(
-                Verdict.FAIL,
-                reason=action.text,
-                facts={"greylist.status": status},
-                action=action,
-                status=status,
-                wait=value,
-            )
-        if status == "awl":
-            return self.result(Verdict.PASS, facts={"greylist.status": "awl"}, status="awl")
-        header = ""
-        first_pass = int(reply[2]) == 0
-        if first_pass and opts.add_header:
-            date = email.utils.formatdate(now, localtime=True)
-            header = f"X-Greylist: delayed {value} seconds by mxward at {self.services.hostname}; {date}"
-        return self.result(
-            Verdict.PASS,
-            facts={"greylist.status": "pass", "greylist.delayed": value if first_pass else 0},
-            header=header,
-            status="pass",
-            age=value,
-        )
+        return await self._triplets.check(stage, tx)
 
 
 @dataclass(frozen=True)
@@ -423,10 +317,7 @@ class GreylistAdmin:
         return str(mask_address(ip, self.options.ipv4_prefix, self.options.ipv6_prefix))
 
     def _norm(self, sender: str) -> str:
-        o = self.options
-        return normalise_sender(
-            sender, delimiter=o.recipient_delimiter, strip_batv=o.strip_batv, strip_verp=o.strip_verp
-        )
+        return self.check.normalise(sender)
 
     async def entries(self, client: str | None = None) -> Any:
         """Yield :class:`Entry` objects, for one client network or all."""
