@@ -41,6 +41,7 @@ COMPILED = (
     "shared/matchers.py",
     "shared/netutil.py",
     "shared/pipeline.py",
+    "shared/records.py",
     "shared/redislink.py",
     "shared/resp.py",
     "shared/timeouts.py",

@@ -51,6 +51,7 @@ from mxward.shared.msgfacts import MessageFacts
 from mxward.shared.netutil import parse_ip
 from mxward.shared.pipeline import EARLY_STAGES, Pipeline
 from mxward.shared.plugin import ActionKind, Decision, Result, Stage, Transaction
+from mxward.shared.records import assemble
 from mxward.shared.state import StateError
 
 __all__ = ["PolicyService"]
@@ -73,21 +74,28 @@ def transaction(attrs: Mapping[str, str], stage: Stage) -> Transaction:
     # (Typed as a dict, the compiled lookups below skip a method call each.)
     a: dict[str, str] = attrs if type(attrs) is dict else dict(attrs)
     address = a.get("client_address", "")
-    return Transaction(
-        stage=stage,
-        client_address=address,
-        client_ip=parse_ip(address) if address else None,
-        client_name=a.get("client_name") or "unknown",
-        reverse_client_name=a.get("reverse_client_name") or "unknown",
-        helo=a.get("helo_name", ""),
-        sender=a.get("sender", ""),
-        recipient=a.get("recipient", ""),
-        recipient_count=_int(a.get("recipient_count", "0")),
-        sasl_username=a.get("sasl_username", ""),
-        instance=a.get("instance", ""),
-        queue_id=a.get("queue_id", ""),
-        protocol_state=a.get("protocol_state", "").upper(),
-        attrs=attrs,
+    # Every field of Transaction, by name (records.assemble refuses fewer or more).
+    return assemble(
+        Transaction,
+        {
+            "stage": stage,
+            "client_address": address,
+            "client_ip": parse_ip(address) if address else None,
+            "client_name": a.get("client_name") or "unknown",
+            "reverse_client_name": a.get("reverse_client_name") or "unknown",
+            "helo": a.get("helo_name", ""),
+            "sender": a.get("sender", ""),
+            "recipient": a.get("recipient", ""),
+            "recipient_count": _int(a.get("recipient_count", "0")),
+            "sasl_username": a.get("sasl_username", ""),
+            "instance": a.get("instance", ""),
+            "queue_id": a.get("queue_id", ""),
+            "protocol_state": a.get("protocol_state", "").upper(),
+            "attrs": attrs,
+            "facts": {},
+            "recipients": (),
+            "message": None,
+        },
     )
 
 

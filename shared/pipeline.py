@@ -53,6 +53,7 @@ from mxward.shared.plugin import (
     Transaction,
     Verdict,
 )
+from mxward.shared.records import assemble
 from mxward.shared.state import StateError
 
 if TYPE_CHECKING:
@@ -404,15 +405,18 @@ class Pipeline:
         headers: tuple[str, ...] = ()
         if action.kind is ActionKind.DUNNO:
             headers = tuple([r.header for r in counted if r.header])
-        return Decision(
-            action=action,
-            score=score,
-            results=tuple(results),
-            stage=stage,
-            exempt=exempt,
-            headers=headers,
-            reasons=tuple(reasons),
-            elapsed_ms=elapsed_ms,
+        return assemble(
+            Decision,
+            {
+                "action": action,
+                "score": score,
+                "results": tuple(results),
+                "stage": stage,
+                "exempt": exempt,
+                "headers": headers,
+                "reasons": tuple(reasons),
+                "elapsed_ms": elapsed_ms,
+            },
         )
 
     @property

@@ -19,6 +19,7 @@ from typing import Any, Final
 from mxward.shared.matchers import AddressList, DomainList, TextList, split_address
 from mxward.shared.netutil import NetworkList, network_text
 from mxward.shared.plugin import Action, LogValue, Result, Stage, Transaction, Verdict
+from mxward.shared.records import assemble
 
 __all__ = ["Triplets", "normalise_sender"]
 
@@ -166,12 +167,11 @@ class Triplets:
         value = int(reply[1])
         if status in ("new", "early"):
             action = self.deferral(value)
-            return Result(
-                check=_NAME,
-                verdict=Verdict.FAIL,
+            return _result(
+                Verdict.FAIL,
+                {"greylist.status": status},
+                {"status": status, "wait": value},
                 reason=action.text,
-                log={"status": status, "wait": value},
-                facts={"greylist.status": status},
                 action=action,
             )
         if status == "awl":
@@ -181,14 +181,38 @@ class Triplets:
         if first_pass and self._add_header:
             date = email.utils.formatdate(now, localtime=True)
             header = f"X-Greylist: delayed {value} seconds by mxward at {self._hostname}; {date}"
-        return Result(
-            check=_NAME,
-            verdict=Verdict.PASS,
-            log={"status": "pass", "age": value},
-            facts={"greylist.status": "pass", "greylist.delayed": value if first_pass else 0},
+        return _result(
+            Verdict.PASS,
+            {"greylist.status": "pass", "greylist.delayed": value if first_pass else 0},
+            {"status": "pass", "age": value},
             header=header,
         )
 
 
-def _result(verdict: Verdict, facts: dict[str, LogValue], log: dict[str, LogValue]) -> Result:
-    return Result(check=_NAME, verdict=verdict, log=log, facts=facts)
+def _result(
+    verdict: Verdict,
+    facts: dict[str, LogValue],
+    log: dict[str, LogValue],
+    *,
+    reason: str = "",
+    action: Action | None = None,
+    header: str = "",
+) -> Result:
+    """A result of this check (what Check.result makes, without Result's interpreted __init__)."""
+    return assemble(
+        Result,
+        {
+            "check": _NAME,
+            "verdict": verdict,
+            "score": 0.0,
+            "reason": reason,
+            "log": log,
+            "facts": facts,
+            "action": action,
+            "header": header,
+            "auth": (),
+            "elapsed_ms": 0.0,
+            "observed": False,
+            "reused": False,
+        },
+    )
