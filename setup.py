@@ -32,7 +32,7 @@ FOLDERS = ("policyd", "shared", "contentfilter")
 # yet) and may only be subclassed by other compiled code; tests/test_packaging.py checks the list.
 COMPILED = (
     "policyd/protocol.py",
-    "policyd/checks/greylist_triplet.py",
+    "policyd/greylist_triplet.py",
     "policyd/server.py",
     "policyd/service.py",
     "shared/aio.py",

@@ -115,7 +115,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mxward.policyd.checks.greylist_triplet import Triplets, normalise_sender
+from mxward.policyd.greylist_triplet import Triplets, normalise_sender
 from mxward.shared.matchers import AddressList, DomainList, TextList
 from mxward.shared.netutil import NetworkList, mask_address
 from mxward.shared.plugin import Check, Result, Services, Stage, Transaction

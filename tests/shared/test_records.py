@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mxward.policyd.checks.greylist_triplet import _result
+from mxward.policyd.greylist_triplet import _result
 from mxward.policyd.service import transaction
 from mxward.shared.plugin import Action, Decision, Result, Stage, Transaction, Verdict
 from mxward.shared.records import assemble
