@@ -29,18 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIG = """\
-[mxward]
-data_dir = "{workdir}/data"
-log_level = "info"
-log_target = "file:{workdir}/mxward.log"
-
-[state]
-url = "unix://{workdir}/redis.sock"
-
-[policyd]
-checks = ["greylist"]
-"""
+from policy_bench import MXWARD_CONFIG
 
 
 def request(n: int) -> dict[str, str]:
@@ -102,7 +91,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mxward-inproc-") as tmp:
         workdir = Path(tmp)
         (workdir / "data").mkdir()
-        (workdir / "mxward.toml").write_text(CONFIG.format(workdir=workdir))
+        # policy_bench.py's greylisting configuration (its listener is not opened here).
+        config = MXWARD_CONFIG.format(workdir=workdir, port=10040, workers=1, delay="5m")
+        (workdir / "mxward.toml").write_text(config)
         sock = workdir / "redis.sock"
         redis = subprocess.Popen(
             [args.redis_server, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],

@@ -156,10 +156,14 @@ class Link:
             return fut
         self._chunks.append(data)
         self._queued.append(_Call(fut, loop.time() + self._timeout, args if source else None, source))
+        self._flush_later()
+        return fut
+
+    def _flush_later(self) -> None:
+        """Write the queue at the end of this loop turn (once, however many calls join it)."""
         if not self._flush_soon:
             self._flush_soon = True
-            loop.call_soon(self._flush)
-        return fut
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_soon = False
@@ -210,8 +214,8 @@ class Link:
                     break
                 call = inflight.popleft()
                 if isinstance(reply, BaseException):
-                    if self._reply_error(call, reply):
-                        stale = str(reply)
+                    stale = self._reply_error(call, reply)
+                    if stale:
                         break
                 elif not call.fut.done():
                     call.fut.set_result(reply)
@@ -221,24 +225,22 @@ class Link:
             self._hooks.trip(stale)
             self._drop(self._hooks.unavailable(stale))
 
-    def _reply_error(self, call: _Call, exc: BaseException) -> bool:
-        """Answer one call with its error reply; True when the connection must be dropped."""
+    def _reply_error(self, call: _Call, exc: BaseException) -> str:
+        """Answer one call with its error reply; the reason to drop the connection, or ``""``."""
         hooks = self._hooks
         if call.source is not None and call.args is not None and hooks.is_noscript(exc):
             # Send the source once: EVAL runs it and caches it again under the same SHA1.
             args = ("EVAL", call.source, *call.args[2:])
             self._chunks.append(pack_commands((args,)))
             self._queued.append(_Call(call.fut, call.deadline, None, None))
-            if not self._flush_soon:
-                self._flush_soon = True
-                self._loop.call_soon(self._flush)
-            return False
+            self._flush_later()
+            return ""
         error = hooks.translate(exc)
         if not call.fut.done():
             call.fut.set_exception(error)
         # READONLY (a demoted master after a failover), LOADING, MASTERDOWN: this server cannot
         # serve us now; a new connection asks the Sentinels for the current master.
-        return hooks.is_unavailable(error)
+        return str(error) if hooks.is_unavailable(error) else ""
 
     def _expire(self) -> None:
         self._timer = None
@@ -317,9 +319,8 @@ class Link:
             task = self._loop.create_task(conn.release())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if self._queued and not self._flush_soon and not self._closed:
-            self._flush_soon = True
-            self._loop.call_soon(self._flush)
+        if self._queued and not self._closed:
+            self._flush_later()
 
     def _fail_queued(self, error: BaseException) -> None:
         calls = self._queued

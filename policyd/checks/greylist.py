@@ -252,9 +252,6 @@ class GreylistCheck(Check[Options]):
         # coroutine of this class around it; check() below says the same for readers and tools.
         self.check = self._triplets.check  # type: ignore[method-assign]
 
-    def network(self, tx: Transaction) -> str:
-        return self._triplets.network(tx)
-
     def normalise(self, sender: str) -> str:
         """The sender as this check's triplets keep it (its options' normalisation)."""
         return self._triplets.normalise(sender)

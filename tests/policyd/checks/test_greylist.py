@@ -377,3 +377,23 @@ async def test_the_spf_pool_can_be_turned_off(store: StateStore, clock: FrozenCl
 def test_bad_exemption_options_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Options(**options)
+
+
+@pytest.mark.parametrize("net", ["192.0.2.0/24", "2001:db8::/64", "spf:example.net"])
+def test_triplet_keys_are_the_keys_the_namespace_builds(net: str) -> None:
+    """The check builds its keys inline (every request); they must equal Namespace.key's."""
+    store = StateStore(StateSettings(), unix_socket="/nonexistent.sock")
+    c = GreylistCheck(Options(), services(store, FrozenClock(0.0)))
+    ns = store.namespace("greylist")
+    assert c.triplet_keys(net, "a@example.net", "b@example.com") == (
+        ns.key("t", "a@example.net/b@example.com", tag=net),
+        ns.key("c", tag=net),
+    )
+
+
+@pytest.mark.parametrize("net", ["", "x{y}"])
+def test_triplet_keys_refuse_what_the_namespace_refuses(net: str) -> None:
+    store = StateStore(StateSettings(), unix_socket="/nonexistent.sock")
+    c = GreylistCheck(Options(), services(store, FrozenClock(0.0)))
+    with pytest.raises(ValueError, match="hash tag"):
+        c.triplet_keys(net, "a@example.net", "b@example.com")
